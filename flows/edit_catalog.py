@@ -1,0 +1,267 @@
+"""The catalog flow: a CSV manifest in, bounded fan-out of predictions, a results manifest out.
+
+Fan-out design (measured, see README "Performance"): each Prefect task run `edit_rows` carries a
+group of rows through create -> wait -> download with the core's `CatalogRun`. Small manifests get
+one row per task run (``edit-SKU123``), so the UI reads like the catalog; large ones get groups
+sized to keep a flow run near `max_task_runs` task runs, because thousands of task runs in one
+flow run strain Prefect's embedded SQLite server while adding nothing a row's log lines and the
+results artifact do not already say. All rows share one HTTP client, one create rate limiter and
+one bound on predictions in flight, whatever the grouping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, tags, task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+from prefect.runtime import flow_run as runtime_flow_run
+from prefect.states import Completed, Failed, State
+from pydantic import BaseModel, Field
+
+from flows.artifacts import publish_final_artifacts, publish_progress
+from kontext.engine import CatalogRun, RunSettings
+from kontext.journal import Journal
+from kontext.manifest import ManifestRow, load_manifest, results_frame, write_csv_atomic
+from kontext.ratelimit import RateLimiter
+from kontext.schema import MODEL, AspectRatio, OutputFormat
+from tasks.predictions import get_replicate_client
+
+FAILURE_STATUSES = ("failed", "canceled", "unknown", "invalid")
+
+
+class CatalogSummary(BaseModel):
+    """What a catalog run did, returned by the flow and printed by the CLI."""
+
+    manifest: str
+    output_dir: str
+    results: str
+    total: int
+    counts: dict[str, int]
+    failure_ratio: float
+    stopped_reason: str | None = None
+    failures: list[dict[str, Any]] = Field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.counts.get("succeeded", 0) + self.counts.get("skipped", 0) == self.total
+
+
+def _flow_run_name() -> str:
+    manifest = str(runtime_flow_run.parameters.get("manifest", "catalog"))
+    stem = Path(manifest.rstrip("/")).stem or "catalog"
+    return f"catalog-{stem}-{datetime.now(UTC):%Y-%m-%d}"
+
+
+def _group_name(rows: list[ManifestRow]) -> str:
+    if len(rows) == 1:
+        return f"edit-{rows[0].id}"
+    return f"edit-{rows[0].id}..{rows[-1].id} ({len(rows)} rows)"
+
+
+@task(name="edit_rows", cache_policy=NO_CACHE)
+async def edit_rows(run: CatalogRun, rows: list[ManifestRow]) -> State:
+    """Carry a group of rows through create -> wait -> download; Failed if any row failed."""
+    log = get_run_logger()
+    results = await asyncio.gather(*(run.run_row(row, log=log) for row in rows))
+    failed = [r for r in results if r["status"] in FAILURE_STATUSES]
+    summary = ", ".join(f"{r['id']}: {r['status']}" for r in results)
+    if failed:
+        reasons = "; ".join(f"{r['id']}: {r['error']}" for r in failed)
+        return Failed(message=f"{len(failed)} of {len(rows)} row(s) did not succeed: {reasons}", data=results)
+    return Completed(message=summary, data=results)
+
+
+def results_path(output_dir: str, results: str | None) -> Path:
+    return Path(results) if results else Path(output_dir) / "results.csv"
+
+
+@flow(name="edit-catalog", flow_run_name=_flow_run_name, log_prints=True)
+async def edit_catalog(
+    manifest: str,
+    output_dir: str = "catalog-output",
+    results: str | None = None,
+    credentials: str | None = None,
+    aspect_ratio: AspectRatio = "match_input_image",
+    num_inference_steps: int = 28,
+    guidance: float = 2.5,
+    seed: int | None = None,
+    output_format: OutputFormat = "jpg",
+    output_quality: int = 80,
+    disable_safety_checker: bool = False,
+    go_fast: bool = True,
+    concurrency: int = 16,
+    max_creates_per_minute: float = 600,
+    prediction_timeout: float = 600,
+    max_failure_ratio: float = 0.1,
+    prefer_wait: int | None = 10,
+    max_task_runs: int = 500,
+    artifact_key: str | None = None,
+) -> CatalogSummary:
+    """Edit every image of a CSV manifest with FLUX.1 Kontext [dev]; write a results manifest.
+
+    Every row is checked before anything is spent (a bad row is recorded ``invalid`` with the field
+    and value at fault). Rows done in an earlier run with the same inputs are ``skipped``; rows a
+    crashed run left mid-flight are resumed by their prediction id. Predictions run with at most
+    `concurrency` in flight and `max_creates_per_minute` creates a minute, each canceled if it
+    has not finished within `prediction_timeout` seconds. The results manifest (one row per input
+    row, input order) is refreshed while the run goes and written atomically.
+
+    Args:
+        manifest: CSV path or fsspec URL with columns ``image_url`` (or ``input_image``) and
+            ``prompt``; optional ``id`` and per-row model inputs (``guidance``, ``seed``, ...).
+        output_dir: Local directory for the edited images and the run journal.
+        results: Where the results CSV goes; default ``<output_dir>/results.csv``.
+        credentials: Name of a saved `ReplicateCredentials` block; default the environment
+            (``REPLICATE_API_TOKEN``, ``REPLICATE_BASE_URL``).
+        aspect_ratio, num_inference_steps, guidance, seed, output_format, output_quality,
+            disable_safety_checker, go_fast: Model input defaults for rows that do not set them.
+        concurrency: Predictions in flight at once.
+        max_creates_per_minute: Create rate limit shared by all rows (Replicate's is 600).
+        prediction_timeout: Seconds a prediction may take before it is canceled.
+        max_failure_ratio: The run ends Failed when more than this share of rows did not succeed.
+        prefer_wait: Seconds a create may wait for the result (``Prefer: wait``), or None.
+        max_task_runs: Rows are grouped so that the run has at most about this many task runs.
+        artifact_key: Key prefix for the run's artifacts (default from the manifest name), stable
+            across runs so that they can be compared in the UI.
+
+    Returns:
+        A `CatalogSummary`.
+
+    Example:
+        ```python
+        from flows.edit_catalog import edit_catalog
+
+        summary = edit_catalog(
+            manifest="examples/manifest.csv",
+            output_dir="demo-output",
+            credentials="catalog",
+            output_format="jpg",
+        )
+        print(summary.counts)
+        ```
+    """
+    log = get_run_logger()
+    defaults = {
+        "aspect_ratio": aspect_ratio,
+        "num_inference_steps": num_inference_steps,
+        "guidance": guidance,
+        "seed": seed,
+        "output_format": output_format,
+        "output_quality": output_quality,
+        "disable_safety_checker": disable_safety_checker,
+        "go_fast": go_fast,
+    }
+    checked = load_manifest(manifest, defaults)
+    out = Path(output_dir)
+    results_file = results_path(output_dir, results)
+    stem = Path(str(manifest).rstrip("/")).stem or "catalog"
+    key = artifact_key or f"catalog-{stem}"
+    extra_columns = [c for c in checked.columns if c not in ("id", "image_url", "prompt")]
+    log.info(
+        "Manifest %s: %d rows, %d valid, %d invalid",
+        manifest,
+        len(checked.rows),
+        len(checked.valid_rows),
+        len(checked.invalid_rows),
+    )
+    for row in checked.invalid_rows[:20]:
+        log.warning("Row %d (id %s) is invalid: %s", row.index + 1, row.id, row.error)
+
+    client = await get_replicate_client(
+        credentials,
+        prefer_wait=prefer_wait,
+        rate_limiter=RateLimiter(max_creates_per_minute),
+        max_connections=max(concurrency * 2, 10),
+    )
+    started = datetime.now(UTC)
+    with Journal(out) as journal:
+        dirty = asyncio.Event()
+        run = CatalogRun(
+            checked,
+            out,
+            client,
+            journal,
+            concurrency=concurrency,
+            settings=RunSettings(prediction_timeout=prediction_timeout),
+            on_result=lambda index, result: dirty.set(),
+            log=log,
+        )
+        todo = run.rows_to_run
+        log.info(
+            "%d row(s) to run, %d skipped as already done",
+            len(todo),
+            sum(r["status"] == "skipped" for r in run.results),
+        )
+
+        def refresh() -> None:
+            write_csv_atomic(results_frame(run.results, extra_columns), results_file)
+
+        refresh()
+        await publish_progress(key, run.results, started)
+
+        async def refresher() -> None:
+            while True:
+                await dirty.wait()
+                dirty.clear()
+                await asyncio.to_thread(refresh)
+                await publish_progress(key, run.results, started)
+                await asyncio.sleep(2.0)  # at most one refresh every 2 s, however many rows end
+
+        size = max(1, math.ceil(len(todo) / max(1, max_task_runs)))
+        groups = [todo[i : i + size] for i in range(0, len(todo), size)]
+        in_flight = asyncio.Semaphore(max(1, math.ceil(concurrency / size)) + 1)
+
+        async def run_group(rows: list[ManifestRow]) -> None:
+            async with in_flight:
+                if run.stopped is None:
+                    await edit_rows.with_options(task_run_name=_group_name(rows))(
+                        run, rows, return_state=True
+                    )
+                else:
+                    await asyncio.gather(*(run.run_row(row) for row in rows))
+
+        refresher_task = asyncio.create_task(refresher())
+        try:
+            async with client:
+                with tags("flux-kontext-dev", f"manifest:{stem}"):
+                    await asyncio.gather(*(run_group(rows) for rows in groups))
+        finally:
+            refresher_task.cancel()
+            refresh()
+    finished = datetime.now(UTC)
+
+    counts = Counter(r["status"] for r in run.results)
+    total = len(run.results)
+    failures = [r for r in run.results if r["status"] in FAILURE_STATUSES]
+    summary = CatalogSummary(
+        manifest=str(manifest),
+        output_dir=str(out),
+        results=str(results_file),
+        total=total,
+        counts=dict(counts),
+        failure_ratio=len(failures) / total if total else 0.0,
+        stopped_reason=str(run.stopped) if run.stopped else None,
+        failures=[{"id": r["id"], "status": r["status"], "error": r["error"]} for r in failures],
+    )
+    images = [row.edit.input_image if row.edit else row.image_url for row in checked.rows]
+    await publish_final_artifacts(key, run.results, summary, started, finished, MODEL, images)
+    log.info("Done: %s; results in %s", dict(counts), results_file)
+    if run.stopped is not None:
+        return Failed(
+            message=f"Run stopped: {run.stopped}. Rows not attempted are pending and will run next time.",
+            data=summary,
+        )
+    if summary.failure_ratio > max_failure_ratio:
+        return Failed(
+            message=f"{len(failures)} of {total} rows did not succeed "
+            f"({summary.failure_ratio:.1%} > max_failure_ratio {max_failure_ratio:.1%})",
+            data=summary,
+        )
+    return summary

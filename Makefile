@@ -22,7 +22,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check kontext/engine.py kontext/manifest.py flows tasks blocks
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

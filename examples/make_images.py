@@ -48,8 +48,11 @@ def draw(kind: str, color: tuple[int, int, int]) -> Image.Image:
         d.arc([380, 300, 480, 440], -90, 90, fill=dark, width=22)
         d.ellipse([200, 210, 420, 250], fill=dark)
     elif kind == "shoe":
-        d.polygon([(130, 470), (150, 360), (300, 330), (390, 400), (520, 430), (530, 500), (130, 500)],
-                  fill=color, outline=dark)
+        d.polygon(
+            [(130, 470), (150, 360), (300, 330), (390, 400), (520, 430), (530, 500), (130, 500)],
+            fill=color,
+            outline=dark,
+        )
         d.rectangle([130, 490, 530, 520], fill=(240, 240, 240), outline=(190, 190, 190))
         for x in range(230, 330, 25):
             d.line([(x, 350), (x + 30, 385)], fill=light, width=5)

@@ -158,8 +158,12 @@ async def edit_catalog(
         "disable_safety_checker": disable_safety_checker,
         "go_fast": go_fast,
     }
+    if "://" in output_dir and not output_dir.startswith("file://"):
+        raise ValueError(
+            f"output_dir must be a local directory, got {output_dir!r} (remote output is not supported yet)"
+        )
     checked = load_manifest(manifest, defaults)
-    out = Path(output_dir)
+    out = Path(output_dir.removeprefix("file://"))
     results_file = results_path(output_dir, results)
     stem = Path(str(manifest).rstrip("/")).stem or "catalog"
     key = artifact_key or f"catalog-{stem}"
@@ -180,6 +184,7 @@ async def edit_catalog(
         rate_limiter=RateLimiter(max_creates_per_minute),
         max_connections=max(concurrency * 2, 10),
     )
+    client.log = log  # retries (429 and the wait, 503, truncated downloads) show in the run's logs
     started = datetime.now(UTC)
     with Journal(out) as journal:
         dirty = asyncio.Event()

@@ -15,7 +15,6 @@ import math
 import os
 import secrets
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +128,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(describe(manifest, price=args.price, creates_per_minute=args.max_creates_per_minute, show=args.show))
+    print(
+        describe(manifest, price=args.price, creates_per_minute=args.max_creates_per_minute, show=args.show)
+    )
     return 1 if manifest.invalid_rows else 0
 
 
@@ -153,9 +154,6 @@ def run_flow(parameters: dict[str, Any]) -> Any:
     from flows.edit_catalog import edit_catalog
 
     state = asyncio.run(edit_catalog(**parameters, return_state=True))
-    data = state.data if hasattr(state, "data") else None
-    if hasattr(data, "counts"):
-        return data
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):
         raise result
@@ -205,10 +203,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 2
     token = "demo-" + secrets.token_hex(8)
     out = Path(args.out).resolve()
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry
     with Sandbox(SandboxConfig(token=token, latency=args.latency)) as sandbox:
         os.environ["REPLICATE_API_TOKEN"] = token
         os.environ["REPLICATE_BASE_URL"] = sandbox.base_url
-        print(f"Local Replicate sandbox at {sandbox.base_url} (outputs served from {sandbox.output_base_url})")
+        print(
+            f"Local Replicate sandbox at {sandbox.base_url} (outputs served from {sandbox.output_base_url})"
+        )
         print(f"Running {manifest.relative_to(REPO_ROOT)} through the edit-catalog flow...")
         summary = run_flow({"manifest": str(manifest), "output_dir": str(out), "concurrency": 8})
         creates = sandbox.creates

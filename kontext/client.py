@@ -206,6 +206,8 @@ class ReplicateClient:
         self.max_download_bytes = max_download_bytes
         self._sleep = sleep
         self._clock = clock
+        #: Where retries and other notable events are logged (a Prefect run logger in a flow).
+        self.log: logging.Logger | logging.LoggerAdapter[Any] = logger
         self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         self._uploads: dict[tuple[str, int, int], str] = {}
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
@@ -326,15 +328,14 @@ class ReplicateClient:
                 error = self._error_from(response, method, path)
                 if kind == "create" and isinstance(error, ServerError):
                     raise AmbiguousCreateError(
-                        f"create answered {response.status_code}; a prediction may exist "
-                        f"({error.detail})",
+                        f"create answered {response.status_code}; a prediction may exist ({error.detail})",
                         input=create_input or {},
                         sent_at=sent_at,
                     ) from None
             if not self.retry.should_retry(kind, error, attempt):
                 raise error
             delay = self.retry.delay(attempt, error)
-            logger.info("%s %s failed (%s); retry %d in %.2fs", method, path, error, attempt, delay)
+            self.log.warning("%s %s failed (%s); retry %d in %.2fs", method, path, error, attempt, delay)
             if kind == "create" and isinstance(error, ThrottledError) and self.rate_limiter:
                 self.rate_limiter.hold_off(delay)  # every create waits, not just this one
             else:
@@ -344,9 +345,7 @@ class ReplicateClient:
         try:
             return Prediction.from_api(response.json())
         except ValueError as exc:
-            raise APIError(
-                response.status_code, self._redact(f"unexpected response body: {exc}")
-            ) from None
+            raise APIError(response.status_code, self._redact(f"unexpected response body: {exc}")) from None
 
     # ------------------------------------------------------------------ predictions
 
@@ -462,11 +461,14 @@ class ReplicateClient:
         if created_before is not None:
             params["created_before"] = created_before.astimezone(UTC).isoformat().replace("+00:00", "Z")
         url: str | None = "/v1/predictions"
-        while url:
+        query: dict[str, str] | None = params  # the next pages carry their own query string
+        seen: set[str] = set()
+        while url and url not in seen:
+            seen.add(url)
             if url.startswith("http") and _origin(url) != _origin(self.base_url):
                 raise APIError(200, "the predictions list pointed at another origin; not followed")
-            response = await self._request("read", "GET", url, params=params)
-            params = {}
+            response = await self._request("read", "GET", url, params=query)
+            query = None
             page = response.json()
             for item in page.get("results") or []:
                 yield Prediction.from_api(item)
@@ -545,7 +547,7 @@ class ReplicateClient:
                 prediction = await self.cancel_prediction(prediction.id)
                 canceled = prediction.status in ("canceled", "aborted")
             except APIError as exc:
-                logger.warning("cancel of %s after its deadline failed: %s", prediction.id, exc)
+                self.log.warning("cancel of %s after its deadline failed: %s", prediction.id, exc)
         what = "canceled" if canceled else ("cancel failed" if cancel else "left running")
         return PredictionTimeoutError(
             f"prediction {prediction.id} did not finish within {timeout:g}s ({what}; "
@@ -561,8 +563,7 @@ class ReplicateClient:
             if not prediction.output_urls:
                 if prediction.data_removed:
                     raise OutputExpiredError(
-                        f"prediction {prediction.id} succeeded but its output was removed "
-                        "(past retention)",
+                        f"prediction {prediction.id} succeeded but its output was removed (past retention)",
                         prediction,
                     )
                 raise PredictionFailedError(f"prediction {prediction.id} has no output", prediction)
@@ -607,7 +608,9 @@ class ReplicateClient:
                 if not self.retry.should_retry("download", exc, attempt):
                     raise
                 delay = self.retry.delay(attempt, exc)
-                logger.info("download of %s failed (%s); retry %d in %.2fs", dest.name, exc, attempt, delay)
+                self.log.warning(
+                    "download of %s failed (%s); retry %d in %.2fs", dest.name, exc, attempt, delay
+                )
                 await self._sleep(delay)
 
     async def _download_once(
@@ -647,9 +650,7 @@ class ReplicateClient:
                     f"download of {dest.name} broke off after {size} bytes: {type(exc).__name__}"
                 ) from None
             if declared is not None and size != int(declared):
-                raise IncompleteDownloadError(
-                    f"download of {dest.name} ended at {size} of {declared} bytes"
-                )
+                raise IncompleteDownloadError(f"download of {dest.name} ended at {size} of {declared} bytes")
             width, height, fmt = await asyncio.to_thread(_verify_image, tmp, expected_format)
             os.replace(tmp, dest)
         finally:
@@ -699,6 +700,4 @@ def _image_content_type(data: bytes, path: Path) -> str:
             return mime
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "image/webp"
-    raise InputValidationError(
-        [("input_image", f"{str(path)!r} is not a jpeg, png, gif or webp file")]
-    )
+    raise InputValidationError([("input_image", f"{str(path)!r} is not a jpeg, png, gif or webp file")])

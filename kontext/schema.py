@@ -121,16 +121,12 @@ class EditInput(BaseModel):
         description="Text instruction describing the edit to make to the input image.",
     )
     input_image: str = Field(description=f"The image to edit: {_INPUT_IMAGE_HELP}.")
-    aspect_ratio: AspectRatio = Field(
-        "match_input_image", description="Aspect ratio of the output image."
-    )
+    aspect_ratio: AspectRatio = Field("match_input_image", description="Aspect ratio of the output image.")
     num_inference_steps: int = Field(
         28, ge=4, le=50, strict=True, description="Number of inference steps (4-50)."
     )
     guidance: float = Field(2.5, ge=0, le=10, description="Prompt guidance strength (0-10).")
-    seed: int | None = Field(
-        None, strict=True, description="Random seed; None or 0 means a random seed."
-    )
+    seed: int | None = Field(None, strict=True, description="Random seed; None or 0 means a random seed.")
     output_format: OutputFormat = Field("webp", description="Output image format.")
     output_quality: int = Field(
         80, ge=0, le=100, strict=True, description="Output quality 0-100 (ignored for png)."
@@ -138,9 +134,7 @@ class EditInput(BaseModel):
     disable_safety_checker: bool = Field(
         False, strict=True, description="Disable the model's NSFW safety checker."
     )
-    go_fast: bool = Field(
-        True, strict=True, description="Run faster at a slight cost in quality."
-    )
+    go_fast: bool = Field(True, strict=True, description="Run faster at a slight cost in quality.")
 
     @field_validator("prompt")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -9,13 +10,13 @@ from prefect.testing.utilities import prefect_test_harness
 
 from kontext.client import ReplicateClient
 from kontext.sandbox import Sandbox, SandboxConfig
-
 from tests.helpers import TOKEN, make_client
 
 
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server() -> Iterator[None]:
     """One real Prefect server (temporary database) for the whole session."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry
     with prefect_test_harness(server_startup_timeout=120):
         yield
 
@@ -31,7 +32,6 @@ def sandbox() -> Iterator[Sandbox]:
     """A fresh Replicate-compatible sandbox on loopback, fast enough for tests."""
     with Sandbox(SandboxConfig(token=TOKEN, latency=0.05, start_delay=0.01)) as sb:
         yield sb
-
 
 
 @pytest.fixture

@@ -33,8 +33,12 @@ def test_bundled_example_is_valid():
     by_id = {row.id: row for row in manifest.rows}
     assert by_id["LAMP-202"].edit.output_format == "png"  # a column overrides the default
     assert by_id["MUG-001"].edit.output_format == "jpg"  # a blank cell keeps it
-    assert by_id["MUG-001"].extra == {"aspect_ratio": "1:1", "output_format": "", "category": "kitchen",
-                                      "title": "White ceramic mug"}
+    assert by_id["MUG-001"].extra == {
+        "aspect_ratio": "1:1",
+        "output_format": "",
+        "category": "kitchen",
+        "title": "White ceramic mug",
+    }
 
 
 def test_each_bad_row_names_its_field_and_value(tmp_path):
@@ -74,7 +78,9 @@ def test_missing_required_column_fails_the_whole_manifest(tmp_path):
 
 
 def test_input_image_alias_and_row_numbers_as_ids(tmp_path):
-    manifest = load_manifest(write(tmp_path, [{"input_image": MUG, "prompt": "a"}, {"input_image": MUG, "prompt": "b"}]))
+    manifest = load_manifest(
+        write(tmp_path, [{"input_image": MUG, "prompt": "a"}, {"input_image": MUG, "prompt": "b"}])
+    )
     assert [row.id for row in manifest.rows] == ["1", "2"]
     assert all(row.valid for row in manifest.rows)
 
@@ -108,8 +114,17 @@ def test_output_names_never_collide(tmp_path):
 
 def test_results_are_spreadsheet_safe_and_atomic(tmp_path):
     results = [
-        {"id": "=HYPERLINK(\"http://evil\")", "image_url": MUG, "prompt": "+cmd", "status": "invalid",
-         "error": "@SUM(1)", "width": None, "height": None, "predict_time_s": None, "note": "-2"},
+        {
+            "id": '=HYPERLINK("http://evil")',
+            "image_url": MUG,
+            "prompt": "+cmd",
+            "status": "invalid",
+            "error": "@SUM(1)",
+            "width": None,
+            "height": None,
+            "predict_time_s": None,
+            "note": "-2",
+        },
     ]
     frame = results_frame(results, ["note"])
     target = tmp_path / "out" / "results.csv"

@@ -80,7 +80,9 @@ def test_prediction_accepts_both_shapes():
     assert replicate.output_urls == ["https://replicate.delivery/x/out.jpg"]
     assert replicate.predict_time == 3.2 and replicate.is_terminal and not replicate.synthetic
 
-    proxy = Prediction.from_api({"created": 1589478378, "data": [{"url": "https://a/1.png"}, {"url": "https://a/2.png"}]})
+    proxy = Prediction.from_api(
+        {"created": 1589478378, "data": [{"url": "https://a/1.png"}, {"url": "https://a/2.png"}]}
+    )
     assert proxy.status == "succeeded" and proxy.synthetic
     assert proxy.output_urls == ["https://a/1.png", "https://a/2.png"]
     assert proxy.created_at is not None and proxy.created_at.year == 2020

@@ -1,0 +1,5 @@
+import sys
+
+from kontext.sandbox.runner import main
+
+sys.exit(main())

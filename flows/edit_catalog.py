@@ -28,7 +28,13 @@ from pydantic import BaseModel, Field
 from flows.artifacts import publish_final_artifacts, publish_progress
 from kontext.engine import CatalogRun, RunSettings
 from kontext.journal import Journal
-from kontext.manifest import ManifestRow, load_manifest, results_frame, write_csv_atomic
+from kontext.manifest import (
+    ManifestRow,
+    load_manifest,
+    remove_stale_temporaries,
+    results_frame,
+    write_csv_atomic,
+)
 from kontext.ratelimit import RateLimiter
 from kontext.schema import MODEL, AspectRatio, OutputFormat
 from tasks.predictions import get_replicate_client
@@ -208,6 +214,7 @@ async def edit_catalog(
         def refresh() -> None:
             write_csv_atomic(results_frame(run.results, extra_columns), results_file)
 
+        remove_stale_temporaries(results_file)
         refresh()
         await publish_progress(key, run.results, started)
 

@@ -115,6 +115,9 @@ class CatalogRun:
         self.log = log or logger
         self._slots = asyncio.Semaphore(concurrency)
         self.stopped: AccountError | None = None
+        # Downloads a killed run left half-written (we hold the journal's lock: nobody else writes).
+        for partial in self.output_dir.glob(".*.part"):
+            partial.unlink(missing_ok=True)
         self.results: list[dict[str, Any]] = [self.planned(row) for row in manifest.rows]
 
     # ------------------------------------------------------------------ planning
@@ -200,8 +203,13 @@ class CatalogRun:
             return self._result(row, "failed", prediction, error=str(exc))
         except PredictionTimeoutError as exc:
             status = "canceled" if exc.canceled else "failed"
-            log.warning("%s: %s", row.id, exc)
-            return self._result(row, status, exc.prediction, error=str(exc))
+            what = "canceled" if exc.canceled else "the cancel request failed"
+            error = (
+                f"prediction {exc.prediction.id} did not finish within "
+                f"{self.settings.prediction_timeout:g}s ({what}; last status {exc.prediction.status})"
+            )
+            log.warning("%s: %s", row.id, error)
+            return self._result(row, status, exc.prediction, error=error)
         except (PredictionCanceledError, PredictionAbortedError) as exc:
             return self._result(row, "canceled", exc.prediction, error=str(exc))
         except KontextError as exc:
@@ -216,6 +224,13 @@ class CatalogRun:
             saved.height,
         )
         return self._result(row, "succeeded", prediction, saved)
+
+    def _prefer_wait(self) -> int | None:
+        """The client's ``Prefer: wait``, never longer than the prediction's own deadline."""
+        wait = self.client.prefer_wait
+        if wait is None:
+            return None
+        return max(1, min(wait, int(self.settings.prediction_timeout)))
 
     def _time_left(self, prediction: Prediction) -> float:
         """Our deadline counts from the prediction's creation, also across a resume."""
@@ -275,6 +290,7 @@ class CatalogRun:
         try:
             prediction = await self.client.create_prediction(
                 api_input,
+                prefer_wait=self._prefer_wait(),
                 cancel_after=self.settings.prediction_timeout + self.settings.server_deadline_margin,
             )
         except AmbiguousCreateError as exc:

@@ -364,6 +364,13 @@ def results_frame(results: Sequence[Mapping[str, Any]], extra_columns: Sequence[
     return frame
 
 
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> None:
+    """Remove temporary files a killed `write_csv_atomic` of `path` left behind."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def write_csv_atomic(frame: pd.DataFrame, path: str | os.PathLike[str]) -> None:
     """Write a CSV so that readers only ever see a complete file (temporary file + replace)."""
     path = Path(path)

@@ -97,7 +97,9 @@ def test_client_side_validation_sends_nothing(sandbox):
 def test_server_side_422_names_the_field(sandbox):
     async def send_bad_input():
         async with make_client(sandbox) as client:
-            body = {"input": {"prompt": "x", "input_image": "https://img.invalid/a.jpg", "aspect_ratio": "7:3"}}
+            body = {
+                "input": {"prompt": "x", "input_image": "https://img.invalid/a.jpg", "aspect_ratio": "7:3"}
+            }
             await client._request("create", "POST", f"/v1/models/{client.model}/predictions", json=body)
 
     with pytest.raises(APIValidationError) as info:

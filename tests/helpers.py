@@ -18,3 +18,87 @@ def make_client(sb: Any, **kwargs: Any) -> ReplicateClient:
     """A client for a sandbox, with retries fast enough for tests."""
     kwargs.setdefault("retry", FAST_RETRY)
     return ReplicateClient(api_token=sb.token, base_url=sb.base_url, **kwargs)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prefect_env(api_url: str, home: Path) -> dict[str, str]:
+    """Environment for a Prefect subprocess talking to `api_url`, without our secrets."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REPLICATE_", "PREFECT_"))}
+    env.update(
+        PREFECT_API_URL=api_url,
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        PREFECT_WORKER_PREFETCH_SECONDS="5",
+    )
+    return env
+
+
+class PrefectServer:
+    """A real `prefect server start` on a loopback port with its own home and database."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.port = free_port()
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        self.ui_url = f"http://127.0.0.1:{self.port}"
+        self.processes: list[Any] = []
+
+    def env(self) -> dict[str, str]:
+        return prefect_env(self.api_url, self.home)
+
+    def spawn(self, args: list[str], log_name: str, cwd: Path = REPO_ROOT) -> Any:
+        import subprocess
+
+        log = open(self.home / log_name, "w")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            args, cwd=cwd, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.processes.append((proc, log))
+        return proc
+
+    def __enter__(self) -> PrefectServer:
+        import sys
+        import time
+        import urllib.request
+
+        self.home.mkdir(parents=True, exist_ok=True)
+        prefect = str(Path(sys.executable).with_name("prefect"))
+        self.spawn(
+            [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)], "server.log"
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.25)
+        self.__exit__()
+        raise RuntimeError(f"prefect server did not start:\n{(self.home / 'server.log').read_text()[-3000:]}")
+
+    def __exit__(self, *exc_info: object) -> None:
+        import os
+        import signal
+        import subprocess
+
+        for proc, log in reversed(self.processes):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            log.close()
+        self.processes.clear()

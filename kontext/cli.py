@@ -58,6 +58,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-creates-per-minute", type=float, default=600)
     parser.add_argument("--prediction-timeout", type=float, default=600, help="seconds, then cancel")
     parser.add_argument("--max-failure-ratio", type=float, default=0.1)
+    parser.add_argument(
+        "--prefer-wait", type=int, default=10, help="seconds a create may wait for the result (0: poll)"
+    )
     _add_model_defaults(parser)
 
 
@@ -183,6 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "max_creates_per_minute": args.max_creates_per_minute,
         "prediction_timeout": args.prediction_timeout,
         "max_failure_ratio": args.max_failure_ratio,
+        "prefer_wait": args.prefer_wait or None,
         **_model_defaults(args),
     }
     try:

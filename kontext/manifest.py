@@ -299,7 +299,7 @@ def _file_digest(path: Path) -> str | None:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
         return digest.hexdigest()
-    except OSError:
+    except (OSError, ValueError):  # ValueError: an embedded NUL byte
         return None
 
 

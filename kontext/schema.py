@@ -94,7 +94,10 @@ def local_path(value: str) -> Path:
     """The local path an ``input_image`` of kind ``file`` names (plain path or file:// URL)."""
     if value.startswith("file://"):
         return Path(urlsplit(value).path)
-    return Path(value).expanduser()
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:  # "~someone" with no such user
+        return Path(value)
 
 
 class EditInput(BaseModel):

@@ -718,8 +718,13 @@ class OutputApp:
                 if p is None or p.output is None or st.expired(p):
                     await out.respond(404, b"Not Found", "text/plain")
                     return
+                if st.config.download_latency:
+                    await asyncio.sleep(st.config.download_latency)
                 cut = st.hit("download", st.config.truncate_download_every)
-                await out.respond(200, p.output, p.content_type or "application/octet-stream", cut=cut)
+                body = p.output
+                if st.hit("corrupt_download", st.config.corrupt_download_every):
+                    body = b"<html>not an image</html>" + b"\0" * 64
+                await out.respond(200, body, p.content_type or "application/octet-stream", cut=cut)
             elif len(parts) == 2 and parts[0] == "inputs" and parts[1] in st.inputs:
                 data, kind = st.inputs[parts[1]]
                 await out.respond(200, data, kind)

@@ -24,6 +24,8 @@ class SandboxConfig:
         poll_error_every, poll_error_status: A GET of a prediction answers this status.
         reset_every_poll: A GET of a prediction has its connection dropped mid-response.
         truncate_download_every: An output download sends half its body, then drops.
+        corrupt_download_every: An output download answers bytes that are not an image.
+        download_latency: Seconds an output download waits before answering.
         drop_create_response_every: A create is accepted (the prediction exists) but its
             response is dropped mid-way.
         billing_required: Creates answer 402.
@@ -50,6 +52,8 @@ class SandboxConfig:
     poll_error_status: int = 503
     reset_every_poll: int | None = None
     truncate_download_every: int | None = None
+    corrupt_download_every: int | None = None
+    download_latency: float = 0.0
     drop_create_response_every: int | None = None
     billing_required: bool = False
     fail_prompt_substring: str = "[fail]"

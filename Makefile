@@ -24,5 +24,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The browser test alone (also part of `make test` when Debian's chromium is installed).
+browser-test: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	$(BIN)/python -m pytest tests/test_ui_browser.py -v
+
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

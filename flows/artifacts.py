@@ -22,6 +22,7 @@ from prefect.artifacts import (
     acreate_table_artifact,
     aupdate_progress_artifact,
 )
+from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
 
 from kontext.schema import input_image_kind, local_path
@@ -63,6 +64,16 @@ async def publish_progress(key: str, results: Sequence[dict[str, Any]], started:
         await aupdate_progress_artifact(artifact_id, percent, description=description)
 
 
+async def tag_flow_run(tags: Sequence[str]) -> None:
+    """Add `tags` (the model, the manifest) to the running flow run, so runs can be filtered by them."""
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return
+    async with get_client() as client:
+        merged = sorted(set(context.flow_run.tags) | set(tags))
+        await client.update_flow_run(context.flow_run.id, tags=merged)
+
+
 def _seconds(result: dict[str, Any]) -> float | None:
     value = result.get("predict_time_s")
     return round(float(value), 2) if isinstance(value, int | float) else None
@@ -93,7 +104,7 @@ async def publish_final_artifacts(
             "id": r["id"],
             "status": r["status"],
             "prediction_id": r.get("prediction_id") or "",
-            "output": r.get("output_path") or r.get("output_url") or "",
+            "output": Path(r["output_path"]).name if r.get("output_path") else (r.get("output_url") or ""),
             "error": r.get("error") or "",
             "seconds": _seconds(r),
         }

@@ -25,7 +25,7 @@ from prefect.runtime import flow_run as runtime_flow_run
 from prefect.states import Completed, Failed, State
 from pydantic import BaseModel, Field
 
-from flows.artifacts import publish_final_artifacts, publish_progress
+from flows.artifacts import publish_final_artifacts, publish_progress, tag_flow_run
 from kontext.engine import CatalogRun, RunSettings
 from kontext.journal import Journal
 from kontext.manifest import (
@@ -174,6 +174,8 @@ async def edit_catalog(
     stem = Path(str(manifest).rstrip("/")).stem or "catalog"
     key = artifact_key or f"catalog-{stem}"
     extra_columns = [c for c in checked.columns if c not in ("id", "image_url", "prompt")]
+    run_tags = ["flux-kontext-dev", f"manifest:{stem}"]
+    await tag_flow_run(run_tags)
     log.info(
         "Manifest %s: %d rows, %d valid, %d invalid",
         manifest,
@@ -242,7 +244,7 @@ async def edit_catalog(
         refresher_task = asyncio.create_task(refresher())
         try:
             async with client:
-                with tags("flux-kontext-dev", f"manifest:{stem}"):
+                with tags(*run_tags):
                     await asyncio.gather(*(run_group(rows) for rows in groups))
         finally:
             refresher_task.cancel()

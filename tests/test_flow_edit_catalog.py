@@ -175,6 +175,7 @@ def test_task_runs_are_named_after_rows(sandbox_env, tmp_path):
     task_names, flow_run = asyncio.run(names())
     assert {"edit-SKU-000", "edit-SKU-001", "edit-SKU-002"} <= task_names
     assert flow_run.name.startswith("catalog-catalog-")
+    assert {"flux-kontext-dev", "manifest:catalog"} <= set(flow_run.tags)
 
 
 def test_large_manifests_are_grouped(sandbox_env, tmp_path):

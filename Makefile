@@ -31,3 +31,6 @@ browser-test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run

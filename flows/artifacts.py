@@ -22,7 +22,6 @@ from prefect.artifacts import (
     acreate_table_artifact,
     aupdate_progress_artifact,
 )
-from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
 
 from kontext.schema import input_image_kind, local_path
@@ -69,9 +68,8 @@ async def tag_flow_run(tags: Sequence[str]) -> None:
     context = FlowRunContext.get()
     if context is None or context.flow_run is None:
         return
-    async with get_client() as client:
-        merged = sorted(set(context.flow_run.tags) | set(tags))
-        await client.update_flow_run(context.flow_run.id, tags=merged)
+    merged = sorted(set(context.flow_run.tags) | set(tags))
+    await context.client.update_flow_run(context.flow_run.id, tags=merged)  # the run's own client
 
 
 def _seconds(result: dict[str, Any]) -> float | None:

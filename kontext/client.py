@@ -282,16 +282,19 @@ class ReplicateClient:
         return APIError(code, detail, **kwargs)
 
     def _observe_rate_limit(self, kind: CallKind, response: httpx.Response) -> None:
-        """Pace creates by the server's own count: at zero remaining, wait for its reset."""
+        """At zero ``ratelimit-remaining``, space the next create by one token of our own pace.
+
+        Not by the whole ``ratelimit-reset``: that is when the server's bucket is full again
+        (whole seconds), and waiting for it would idle every create for a second at a time.
+        """
         if kind != "create" or self.rate_limiter is None:
             return
-        remaining = response.headers.get("ratelimit-remaining")
-        reset = response.headers.get("ratelimit-reset")
         try:
-            if remaining is not None and reset is not None and float(remaining) < 1:
-                self.rate_limiter.hold_off(float(reset))
+            remaining = float(response.headers.get("ratelimit-remaining", "1"))
         except ValueError:
-            pass
+            return
+        if remaining < 1:
+            self.rate_limiter.hold_off(self.rate_limiter.interval)
 
     async def _request(
         self,

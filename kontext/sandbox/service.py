@@ -138,6 +138,19 @@ class SandboxState:
     def clock(self) -> float:
         return time.monotonic() - self._t0
 
+    def stats(self) -> dict[str, Any]:
+        """Counters by kind of call (the figures benchmarks report); no request contents."""
+        with self.lock:
+            requests = list(self.requests)
+            creates = self.creates
+        counts: dict[str, int] = {}
+        for r in requests:
+            if r.path == "/_sandbox/stats":
+                continue
+            kind = f"{r.origin} {r.method} {re.sub(r'/[a-z0-9]{26}', '/{id}', r.path)} {r.status}"
+            counts[kind] = counts.get(kind, 0) + 1
+        return {"creates": creates, "requests": counts}
+
     def wall(self, t: float) -> datetime:
         return self._wall0 + timedelta(seconds=t)
 
@@ -725,6 +738,8 @@ class OutputApp:
                 if st.hit("corrupt_download", st.config.corrupt_download_every):
                     body = b"<html>not an image</html>" + b"\0" * 64
                 await out.respond(200, body, p.content_type or "application/octet-stream", cut=cut)
+            elif scope["path"] == "/_sandbox/stats":  # for benchmarks that run the sandbox as a process
+                await out.json(200, st.stats())
             elif len(parts) == 2 and parts[0] == "inputs" and parts[1] in st.inputs:
                 data, kind = st.inputs[parts[1]]
                 await out.respond(200, data, kind)

@@ -10,20 +10,11 @@ import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kontext.manifest import ManifestError, check_rows, results_frame, safe_stem
+from kontext.manifest import OVERRIDE_COLUMNS, ManifestError, check_rows, results_frame, safe_stem
 from tests.helpers import EXAMPLES
 
 MUG = str(EXAMPLES / "images" / "mug-white.jpg")
-FIELDS = (
-    "aspect_ratio",
-    "num_inference_steps",
-    "guidance",
-    "seed",
-    "output_format",
-    "output_quality",
-    "go_fast",
-    "disable_safety_checker",
-)
+FIELDS = OVERRIDE_COLUMNS
 NASTY = st.sampled_from(
     [
         "",

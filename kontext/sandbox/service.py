@@ -373,8 +373,10 @@ _CANCEL = re.compile(r"^/v1/predictions/([a-z0-9]+)/cancel$")
 _FILE = re.compile(r"^/v1/files/([a-z0-9]+)(/download)?$")
 
 
-class ApiApp:
-    """The API origin: ``/v1/...`` under the configured path prefix."""
+class _Origin:
+    """One origin's ASGI app: answers lifespan, records every HTTP request, then `handle`s it."""
+
+    origin = ""
 
     def __init__(self, state: SandboxState):
         self.state = state
@@ -385,14 +387,38 @@ class ApiApp:
             return
         if scope["type"] != "http":
             return
-        st, config = self.state, self.state.config
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        path = scope["path"]
         record = RecordedRequest(
-            st.clock(), "api", scope["method"], path, scope["query_string"].decode(), headers
+            self.state.clock(),
+            self.origin,
+            scope["method"],
+            scope["path"],
+            scope["query_string"].decode(),
+            headers,
         )
-        with st.lock:
-            st.requests.append(record)
+        with self.state.lock:
+            self.state.requests.append(record)
+        try:
+            await self.handle(scope, receive, send, headers, record)
+        except ConnectionAbortedError:
+            return  # a fault cut the response short; returning leaves it incomplete
+
+    async def handle(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], record: RecordedRequest
+    ) -> None:
+        raise NotImplementedError
+
+
+class ApiApp(_Origin):
+    """The API origin: ``/v1/...`` under the configured path prefix."""
+
+    origin = "api"
+
+    async def handle(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], record: RecordedRequest
+    ) -> None:
+        st, config = self.state, self.state.config
+        path = scope["path"]
         prefix = config.path_prefix.rstrip("/")
         if prefix and path.startswith(prefix):
             path = path[len(prefix) :]
@@ -430,10 +456,7 @@ class ApiApp:
                 retry_after=wait,
             )
             return
-        try:
-            await self.route(method, path, scope, receive, headers, out, record)
-        except ConnectionAbortedError:
-            return  # the fault already cut the response short; returning leaves it incomplete
+        await self.route(method, path, scope, receive, headers, out, record)
 
     async def route(
         self,
@@ -703,50 +726,37 @@ def _multipart_content(raw: bytes, content_type: str) -> tuple[bytes | None, str
     return None, None, None
 
 
-class OutputApp:
+class OutputApp(_Origin):
     """The output-file origin (like replicate.delivery): no auth; also serves registered inputs."""
 
-    def __init__(self, state: SandboxState):
-        self.state = state
+    origin = "output"
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
+    async def handle(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], record: RecordedRequest
+    ) -> None:
         st = self.state
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        record = RecordedRequest(
-            st.clock(), "output", scope["method"], scope["path"], scope["query_string"].decode(), headers
-        )
-        with st.lock:
-            st.requests.append(record)
         out = Responder(send, record)
         parts = scope["path"].strip("/").split("/")
-        try:
-            if len(parts) == 3 and parts[0] == "outputs":
-                record.prediction_id = parts[1]
-                p = st.predictions.get(parts[1])
-                if p is None or p.output is None or st.expired(p):
-                    await out.respond(404, b"Not Found", "text/plain")
-                    return
-                if st.config.download_latency:
-                    await asyncio.sleep(st.config.download_latency)
-                cut = st.hit("download", st.config.truncate_download_every)
-                body = p.output
-                if st.hit("corrupt_download", st.config.corrupt_download_every):
-                    body = b"<html>not an image</html>" + b"\0" * 64
-                await out.respond(200, body, p.content_type or "application/octet-stream", cut=cut)
-            elif scope["path"] == "/_sandbox/stats":  # for benchmarks that run the sandbox as a process
-                await out.json(200, st.stats())
-            elif len(parts) == 2 and parts[0] == "inputs" and parts[1] in st.inputs:
-                data, kind = st.inputs[parts[1]]
-                await out.respond(200, data, kind)
-            else:
+        if len(parts) == 3 and parts[0] == "outputs":
+            record.prediction_id = parts[1]
+            p = st.predictions.get(parts[1])
+            if p is None or p.output is None or st.expired(p):
                 await out.respond(404, b"Not Found", "text/plain")
-        except ConnectionAbortedError:
-            return
+                return
+            if st.config.download_latency:
+                await asyncio.sleep(st.config.download_latency)
+            cut = st.hit("download", st.config.truncate_download_every)
+            body = p.output
+            if st.hit("corrupt_download", st.config.corrupt_download_every):
+                body = b"<html>not an image</html>" + b"\0" * 64
+            await out.respond(200, body, p.content_type or "application/octet-stream", cut=cut)
+        elif scope["path"] == "/_sandbox/stats":  # for benchmarks that run the sandbox as a process
+            await out.json(200, st.stats())
+        elif len(parts) == 2 and parts[0] == "inputs" and parts[1] in st.inputs:
+            data, kind = st.inputs[parts[1]]
+            await out.respond(200, data, kind)
+        else:
+            await out.respond(404, b"Not Found", "text/plain")
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -137,8 +137,14 @@ class CatalogRun:
         return self._result(row, "pending")
 
     def _output_intact(self, row: ManifestRow, done: dict[str, Any]) -> bool:
+        """The file the earlier run saved is still where this run would save it.
+
+        Compared by name, not by the recorded path, so that a run from another working directory
+        (a relative ``output_dir``) still recognises its outputs.
+        """
+        recorded = done.get("output_path")
         path = self.output_dir / row.output_filename
-        return path.is_file() and done.get("output_path") == str(path)
+        return bool(recorded) and Path(recorded).name == path.name and path.is_file()
 
     @property
     def rows_to_run(self) -> list[ManifestRow]:

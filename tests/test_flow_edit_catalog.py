@@ -147,6 +147,14 @@ def test_rerun_creates_nothing_and_a_changed_row_exactly_one(sandbox_env, tmp_pa
     assert (out / "SKU-004.jpg").exists()
 
 
+def test_rerun_from_another_working_directory_still_skips(sandbox_env, tmp_path, monkeypatch):
+    path = manifest(tmp_path, good_rows(3))
+    monkeypatch.chdir(tmp_path)
+    run_flow(manifest=str(path), output_dir="out")
+    state, summary = run_flow(manifest=str(path), output_dir=str(tmp_path / "out"))
+    assert summary.counts == {"skipped": 3} and sandbox_env.creates == 3
+
+
 def test_account_error_stops_the_run_and_leaves_rows_pending(sandbox_env, tmp_path):
     sandbox_env.config.billing_required = True
     out = tmp_path / "out"

@@ -135,3 +135,12 @@ def test_results_are_spreadsheet_safe_and_atomic(tmp_path):
     assert row["note"] == "'-2"
     assert list(row)[:4] == ["id", "image_url", "prompt", "status"] and list(row)[-1] == "note"
     assert [p.name for p in target.parent.iterdir()] == ["results.csv"]
+
+
+def test_manifest_from_an_fsspec_url():
+    import fsspec
+
+    with fsspec.open("memory://catalogs/m.csv", "w") as handle:
+        handle.write(f"id,image_url,prompt\nA,{MUG},make it red\n")
+    manifest = load_manifest("memory://catalogs/m.csv")
+    assert [row.id for row in manifest.rows] == ["A"] and manifest.rows[0].valid

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+from prefect.events.clients import PrefectEventsClient
+from prefect.events.worker import EventsWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tests.helpers import EXAMPLES, REPO_ROOT, PrefectServer
@@ -74,10 +76,19 @@ def test_catalog_run_in_the_prefect_ui(sandbox, tmp_path, monkeypatch):
     monkeypatch.setenv("REPLICATE_BASE_URL", sandbox.base_url)
     SHOTS.mkdir(parents=True, exist_ok=True)
     with PrefectServer(tmp_path / "prefect-home") as server:
+        # Prefect's events worker is one per process and keeps the server it first talked to (the
+        # session's test server); task runs are recorded from events, so point it at this server.
+        EventsWorker.drain_all()
+        EventsWorker.set_client_override(PrefectEventsClient, api_url=server.api_url)
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+                state = asyncio.run(
+                    edit_catalog(manifest=str(manifest), output_dir=str(tmp_path / "out"), return_state=True)
+                )
+                EventsWorker.drain_all()
+        finally:
+            EventsWorker.set_client_override(None)
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            state = asyncio.run(
-                edit_catalog(manifest=str(manifest), output_dir=str(tmp_path / "out"), return_state=True)
-            )
             flow_run_id = state.state_details.flow_run_id
             # The server records task runs and artifacts from events, asynchronously: wait (bounded)
             # until the API has them all, so the page shows what the run did, not a partial view.

@@ -84,10 +84,6 @@ async def edit_rows(run: CatalogRun, rows: list[ManifestRow]) -> State:
     return Completed(message=summary, data=results)
 
 
-def results_path(output_dir: str, results: str | None) -> Path:
-    return Path(results) if results else Path(output_dir) / "results.csv"
-
-
 @flow(name="edit-catalog", flow_run_name=_flow_run_name, log_prints=True)
 async def edit_catalog(
     manifest: str,
@@ -170,7 +166,7 @@ async def edit_catalog(
         )
     checked = load_manifest(manifest, defaults)
     out = Path(output_dir.removeprefix("file://"))
-    results_file = results_path(output_dir, results)
+    results_file = Path(results) if results else out / "results.csv"
     stem = Path(str(manifest).rstrip("/")).stem or "catalog"
     key = artifact_key or f"catalog-{stem}"
     extra_columns = [c for c in checked.columns if c not in ("id", "image_url", "prompt")]
@@ -193,63 +189,63 @@ async def edit_catalog(
     )
     client.log = log  # retries (429 and the wait, 503, truncated downloads) show in the run's logs
     started = datetime.now(UTC)
-    with Journal(out) as journal:
-        dirty = asyncio.Event()
-        run = CatalogRun(
-            checked,
-            out,
-            client,
-            journal,
-            concurrency=concurrency,
-            settings=RunSettings(prediction_timeout=prediction_timeout),
-            on_result=lambda index, result: dirty.set(),
-            log=log,
-        )
-        todo = run.rows_to_run
-        log.info(
-            "%d row(s) to run, %d skipped as already done",
-            len(todo),
-            sum(r["status"] == "skipped" for r in run.results),
-        )
+    async with client:  # closed however the run ends (a locked output directory included)
+        with Journal(out) as journal:
+            dirty = asyncio.Event()
+            run = CatalogRun(
+                checked,
+                out,
+                client,
+                journal,
+                concurrency=concurrency,
+                settings=RunSettings(prediction_timeout=prediction_timeout),
+                on_result=lambda index, result: dirty.set(),
+                log=log,
+            )
+            todo = run.rows_to_run
+            log.info(
+                "%d row(s) to run, %d skipped as already done",
+                len(todo),
+                sum(r["status"] == "skipped" for r in run.results),
+            )
 
-        def refresh() -> None:
-            write_csv_atomic(results_frame(run.results, extra_columns), results_file)
+            def refresh() -> None:
+                write_csv_atomic(results_frame(run.results, extra_columns), results_file)
 
-        remove_stale_temporaries(results_file)
-        refresh()
-        await publish_progress(key, run.results, started)
+            remove_stale_temporaries(results_file)
+            refresh()
+            await publish_progress(key, run.results, started)
 
-        async def refresher() -> None:
-            while True:
-                await dirty.wait()
-                dirty.clear()
-                await asyncio.to_thread(refresh)
-                await publish_progress(key, run.results, started)
-                await asyncio.sleep(2.0)  # at most one refresh every 2 s, however many rows end
+            async def refresher() -> None:
+                while True:
+                    await dirty.wait()
+                    dirty.clear()
+                    await asyncio.to_thread(refresh)
+                    await publish_progress(key, run.results, started)
+                    await asyncio.sleep(2.0)  # at most one refresh every 2 s, however many rows end
 
-        size = max(1, math.ceil(len(todo) / max(1, max_task_runs)))
-        groups = [todo[i : i + size] for i in range(0, len(todo), size)]
-        in_flight = asyncio.Semaphore(max(1, math.ceil(concurrency / size)) + 1)
+            size = max(1, math.ceil(len(todo) / max(1, max_task_runs)))
+            groups = [todo[i : i + size] for i in range(0, len(todo), size)]
+            in_flight = asyncio.Semaphore(max(1, math.ceil(concurrency / size)) + 1)
 
-        async def run_group(rows: list[ManifestRow]) -> None:
-            async with in_flight:
-                if run.stopped is None:
-                    await edit_rows.with_options(task_run_name=_group_name(rows))(
-                        run, rows, return_state=True
-                    )
-                else:
-                    await asyncio.gather(*(run.run_row(row) for row in rows))
+            async def run_group(rows: list[ManifestRow]) -> None:
+                async with in_flight:
+                    if run.stopped is None:
+                        await edit_rows.with_options(task_run_name=_group_name(rows))(
+                            run, rows, return_state=True
+                        )
+                    else:
+                        await asyncio.gather(*(run.run_row(row) for row in rows))
 
-        refresher_task = asyncio.create_task(refresher())
-        try:
-            async with client:
+            refresher_task = asyncio.create_task(refresher())
+            try:
                 # No `tags(...)` around the task runs: a tagged task run acquires tag concurrency
                 # slots through one serialised service, which measured 2.4 s before the first row
                 # started and stalls of ~1.8 s later (B1). The flow run carries the tags instead.
                 await asyncio.gather(*(run_group(rows) for rows in groups))
-        finally:
-            refresher_task.cancel()
-            refresh()
+            finally:
+                refresher_task.cancel()
+                refresh()
     finished = datetime.now(UTC)
 
     counts = Counter(r["status"] for r in run.results)

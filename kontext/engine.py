@@ -39,8 +39,6 @@ from kontext.schema import Prediction
 logger = logging.getLogger("kontext.engine")
 Log = logging.Logger | logging.LoggerAdapter[Any]
 
-_FINAL_FAILURES = ("failed", "canceled", "unknown", "invalid")
-
 
 class _CreateUnresolved(KontextError):
     """A create's outcome is unknown and no matching prediction could be found."""
@@ -262,15 +260,19 @@ class CatalogRun:
             await self._journal_created(row, found)
             return found
         known = state.prediction
-        if known is None or (state.result and state.result.get("status") in _FINAL_FAILURES):
-            return None  # nothing made yet, or the last attempt failed: a fresh create is wanted
-        if known.get("synthetic"):
+        if known is None:
+            return None
+        if known.get("synthetic"):  # a proxy's finished answer: nothing to poll, only its URL
+            if state.result is not None and state.result.get("status") not in ("succeeded", "skipped"):
+                return None
             return Prediction(id=known["id"], status="succeeded", output=known["output"], synthetic=True)
         try:
             prediction = await self.client.get_prediction(known["id"])
         except NotFoundError:
             log.warning("%s: prediction %s is gone; creating anew", row.id, known["id"])
             return None
+        if prediction.status in ("failed", "canceled", "aborted"):
+            return None  # that attempt is over: a re-run tries again with a fresh create
         if prediction.status == "succeeded" and not prediction.output_urls:
             log.warning(
                 "%s: prediction %s is past retention (output removed); creating anew", row.id, prediction.id

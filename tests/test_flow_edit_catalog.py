@@ -147,6 +147,16 @@ def test_rerun_creates_nothing_and_a_changed_row_exactly_one(sandbox_env, tmp_pa
     assert (out / "SKU-004.jpg").exists()
 
 
+def test_rows_that_failed_after_paying_are_fetched_not_paid_again(sandbox_env, tmp_path):
+    path = manifest(tmp_path, good_rows(3))
+    sandbox_env.config.truncate_download_every = 1  # every download breaks off: the rows fail
+    state, summary = run_flow(manifest=str(path), output_dir=str(tmp_path / "o"), max_failure_ratio=1)
+    assert summary.counts == {"failed": 3} and sandbox_env.creates == 3
+    sandbox_env.config.truncate_download_every = None
+    state, summary = run_flow(manifest=str(path), output_dir=str(tmp_path / "o"))
+    assert summary.counts == {"succeeded": 3} and sandbox_env.creates == 3  # downloaded, not re-created
+
+
 def test_rerun_from_another_working_directory_still_skips(sandbox_env, tmp_path, monkeypatch):
     path = manifest(tmp_path, good_rows(3))
     monkeypatch.chdir(tmp_path)

@@ -37,3 +37,11 @@ def sandbox() -> Iterator[Sandbox]:
 @pytest.fixture
 def client(sandbox: Sandbox) -> ReplicateClient:
     return make_client(sandbox)
+
+
+@pytest.fixture
+def sandbox_env(sandbox, monkeypatch):
+    """A sandbox whose credentials are in the environment, as the flow's default reads them."""
+    monkeypatch.setenv("REPLICATE_API_TOKEN", sandbox.token)
+    monkeypatch.setenv("REPLICATE_BASE_URL", sandbox.base_url)
+    return sandbox

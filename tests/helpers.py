@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from kontext.client import ReplicateClient
 from kontext.retry import RetryPolicy
@@ -12,6 +18,64 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO_ROOT / "examples"
 TOKEN = "r8_test_" + "s3cr3t" * 4
 FAST_RETRY = RetryPolicy(base_delay=0.01, max_delay=0.05)
+
+
+IMAGES = sorted((EXAMPLES / "images").glob("*.jpg"))
+
+
+def manifest(tmp_path: Path, rows: list[dict], name: str = "catalog.csv") -> Path:
+    path = tmp_path / name
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def good_rows(n: int, **extra) -> list[dict]:
+    return [
+        {
+            "id": f"SKU-{i:03d}",
+            "image_url": str(IMAGES[i % len(IMAGES)]),
+            "prompt": f"studio shot {i}",
+            "title": f"Product {i}",
+            **extra,
+        }
+        for i in range(n)
+    ]
+
+
+def run_flow(**params):
+    """Run the catalog flow in this process; returns (final state, CatalogSummary)."""
+    from flows.edit_catalog import edit_catalog
+
+    params.setdefault("prediction_timeout", 30)
+    state = asyncio.run(edit_catalog(**params, return_state=True))
+    return state, state.result(raise_on_failure=False)
+
+
+def read_results(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def cli(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "kontext.cli", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def cli_env(sandbox=None) -> dict[str, str]:
+    """Environment for a `kontext` subprocess: the test server, and the sandbox's credentials."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REPLICATE_")}
+    env["PREFECT_API_URL"] = PREFECT_API_URL.value()
+    if sandbox is not None:
+        env["REPLICATE_API_TOKEN"] = sandbox.token
+        env["REPLICATE_BASE_URL"] = sandbox.base_url
+    return env
 
 
 def make_client(sb: Any, **kwargs: Any) -> ReplicateClient:

@@ -3,63 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pandas as pd
-import pytest
 from PIL import Image
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.settings import PREFECT_API_URL
 
-from flows.edit_catalog import edit_catalog
 from kontext.manifest import RESULT_COLUMNS
 from kontext.schema import OUTPUT_SIZES
-from tests.helpers import EXAMPLES, REPO_ROOT
-
-IMAGES = sorted((EXAMPLES / "images").glob("*.jpg"))
-
-
-@pytest.fixture
-def sandbox_env(sandbox, monkeypatch):
-    monkeypatch.setenv("REPLICATE_API_TOKEN", sandbox.token)
-    monkeypatch.setenv("REPLICATE_BASE_URL", sandbox.base_url)
-    return sandbox
-
-
-def manifest(tmp_path: Path, rows: list[dict], name: str = "catalog.csv") -> Path:
-    path = tmp_path / name
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path
-
-
-def good_rows(n: int, **extra) -> list[dict]:
-    return [
-        {
-            "id": f"SKU-{i:03d}",
-            "image_url": str(IMAGES[i % len(IMAGES)]),
-            "prompt": f"studio shot {i}",
-            "title": f"Product {i}",
-            **extra,
-        }
-        for i in range(n)
-    ]
-
-
-def run_flow(**params):
-    params.setdefault("prediction_timeout", 30)
-    state = asyncio.run(edit_catalog(**params, return_state=True))
-    return state, state.result(raise_on_failure=False)
-
-
-def read_results(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
+from tests.helpers import EXAMPLES, IMAGES, good_rows, manifest, read_results, run_flow
+from tests.helpers import cli as _cli
+from tests.helpers import cli_env as _env
 
 
 def test_all_good_manifest(sandbox_env, tmp_path):
@@ -214,26 +171,6 @@ def test_large_manifests_are_grouped(sandbox_env, tmp_path):
 
     names = asyncio.run(count())
     assert len(names) == 8 and names[0] == "edit-SKU-000..SKU-004 (5 rows)"
-
-
-def _cli(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "kontext.cli", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _env(sandbox=None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REPLICATE_")}
-    env["PREFECT_API_URL"] = PREFECT_API_URL.value()
-    if sandbox is not None:
-        env["REPLICATE_API_TOKEN"] = sandbox.token
-        env["REPLICATE_BASE_URL"] = sandbox.base_url
-    return env
 
 
 def test_sigkill_mid_run_then_rerun_pays_once_per_row(sandbox, tmp_path):

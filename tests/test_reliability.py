@@ -24,15 +24,9 @@ from prefect.client.schemas.filters import (
 
 from kontext.client import ReplicateClient
 from kontext.sandbox import Sandbox, SandboxConfig
-from tests.helpers import TOKEN
-from tests.test_flow_edit_catalog import _cli, _env, good_rows, manifest, read_results, run_flow
-
-
-@pytest.fixture
-def sandbox_env(sandbox, monkeypatch):
-    monkeypatch.setenv("REPLICATE_API_TOKEN", sandbox.token)
-    monkeypatch.setenv("REPLICATE_BASE_URL", sandbox.base_url)
-    return sandbox
+from tests.helpers import TOKEN, good_rows, manifest, read_results, run_flow
+from tests.helpers import cli as _cli
+from tests.helpers import cli_env as _env
 
 
 def test_fault_mix_every_good_row_succeeds_once(sandbox_env, tmp_path):

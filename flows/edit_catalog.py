@@ -7,12 +7,20 @@ sized to keep a flow run near `max_task_runs` task runs, because thousands of ta
 flow run strain Prefect's embedded SQLite server while adding nothing a row's log lines and the
 results artifact do not already say. All rows share one HTTP client, one create rate limiter and
 one bound on predictions in flight, whatever the grouping.
+
+On a task runner that spreads work over processes or machines (a `DaskTaskRunner`, say), the rows
+to run are split into `shards` task runs instead (`edit_shard`), each self-contained: its own
+client (credentials loaded where it runs), an equal share of the concurrency and of the create
+rate limit, and appends to the same journal, so resume and never-paying-twice hold across
+processes. The flow follows their progress by reading the journal.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import os
+import socket
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,14 +28,17 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture, wait
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.states import Completed, Failed, State
+from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from flows.artifacts import publish_final_artifacts, publish_progress, tag_flow_run
-from kontext.engine import CatalogRun, RunSettings
-from kontext.journal import Journal
+from kontext.engine import CatalogRun, RunSettings, ShardOutcome, run_shard
+from kontext.journal import Journal, JournalFollower
 from kontext.manifest import (
     ManifestRow,
     load_manifest,
@@ -84,6 +95,141 @@ async def edit_rows(run: CatalogRun, rows: list[ManifestRow]) -> State:
     return Completed(message=summary, data=results)
 
 
+class ShardOptions(BaseModel):
+    """What each shard of a run spread over processes gets: its share of the run's limits."""
+
+    concurrency: int
+    max_creates_per_minute: float
+    prefer_wait: int | None
+    settings: RunSettings
+
+
+@task(name="edit_shard", cache_policy=NO_CACHE)
+async def edit_shard(
+    rows: list[ManifestRow], output_dir: str, credentials: str | None, options: ShardOptions
+) -> State:
+    """Run one shard of the rows wherever the task runner puts it, with a client of its own.
+
+    Credentials are loaded here (the block by name, or this process's environment), so the token
+    never travels with the task. Failed if any row of the shard did not succeed.
+    """
+    log = get_run_logger()
+    log.info("Shard of %d row(s) in process %d on %s", len(rows), os.getpid(), socket.gethostname())
+    client = await get_replicate_client(
+        credentials,
+        prefer_wait=options.prefer_wait,
+        rate_limiter=RateLimiter(options.max_creates_per_minute),
+        max_connections=max(options.concurrency * 2, 10),
+    )
+    client.log = log
+    async with client:
+        outcome = await run_shard(
+            rows,
+            Path(output_dir),
+            client,
+            concurrency=options.concurrency,
+            settings=options.settings,
+            log=log,
+        )
+    counts = Counter(r["status"] for r in outcome.results)
+    failed = [r for r in outcome.results if r["status"] in FAILURE_STATUSES]
+    if failed or outcome.stopped:
+        reasons = "; ".join(f"{r['id']}: {r['error']}" for r in failed[:20])
+        return Failed(message=f"{dict(counts)}: {outcome.stopped or reasons}", data=outcome)
+    return Completed(message=str(dict(counts)), data=outcome)
+
+
+def _spreads_over_processes() -> bool:
+    """Whether this flow run's task runner runs tasks outside this process (Dask, Ray, ...)."""
+    context = FlowRunContext.get()
+    return context is not None and not isinstance(context.task_runner, ThreadPoolTaskRunner)
+
+
+def _split(rows: list[ManifestRow], parts: int) -> list[list[ManifestRow]]:
+    """`rows` in `parts` contiguous chunks whose sizes differ by at most one."""
+    size, extra = divmod(len(rows), parts)
+    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
+    return [rows[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+async def _run_in_shards(
+    run: CatalogRun,
+    todo: list[ManifestRow],
+    *,
+    shards: int,
+    out: Path,
+    credentials: str | None,
+    concurrency: int,
+    max_creates_per_minute: float,
+    prefer_wait: int | None,
+    settings: RunSettings,
+) -> str | None:
+    """Submit the rows to the flow's task runner in `shards` task runs; why the run stopped, if it did.
+
+    Rows are in flight at once in every shard, so each gets ``1/shards`` of `concurrency` and of
+    `max_creates_per_minute`: together they never exceed the run's limits.
+    """
+    log = get_run_logger()
+    chunks = _split(todo, max(1, min(shards, len(todo))))
+    options = ShardOptions(
+        concurrency=max(1, concurrency // len(chunks)),
+        max_creates_per_minute=max_creates_per_minute / len(chunks),
+        prefer_wait=prefer_wait,
+        settings=settings,
+    )
+    log.info(
+        "Spreading %d row(s) over %d shard(s) of the task runner, %d in flight and %.4g creates/min each",
+        len(todo),
+        len(chunks),
+        options.concurrency,
+        options.max_creates_per_minute,
+    )
+    futures: list[PrefectFuture[Any]] = []
+    for number, rows in enumerate(chunks, 1):
+        span = rows[0].id if len(rows) == 1 else f"{rows[0].id}..{rows[-1].id}"
+        name = f"edit-shard-{number}-of-{len(chunks)} {span} ({len(rows)} row{'s' * (len(rows) > 1)})"
+        futures.append(
+            edit_shard.with_options(task_run_name=name).submit(rows, str(out), credentials, options)
+        )
+    by_id = {row.id: row for row in todo}
+    follower = JournalFollower(out / ".kontext" / "journal.jsonl")
+
+    def follow() -> None:  # rows other processes finished, for the progress artifact and results
+        for event in follower.read_new():
+            row = by_id.get(event.get("id"))
+            if event.get("event") == "finished" and row and event.get("input_hash") == row.input_hash:
+                run.set_result(row, event["result"])
+
+    async def following() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            follow()
+
+    follower_task = asyncio.create_task(following())
+    try:
+        await asyncio.to_thread(wait, futures)
+    finally:
+        follower_task.cancel()
+    follow()
+    stopped = None
+    for number, (rows, future) in enumerate(zip(chunks, futures, strict=True), 1):
+        outcome = await future.state.aresult(raise_on_failure=False)
+        if isinstance(outcome, ShardOutcome):
+            for row, result in zip(rows, outcome.results, strict=True):
+                run.set_result(row, result)
+            stopped = stopped or outcome.stopped
+            continue
+        # The shard's task run crashed (its worker was lost, its credentials would not load):
+        # rows it did not finish stay pending; the journal lets the next run resume them.
+        reason = f"shard {number} of {len(chunks)} did not finish: {future.state.message or outcome}"
+        log.error(reason)
+        for row in rows:
+            if (result := run.result_of(row))["status"] == "pending":
+                run.set_result(row, {**result, "error": reason})
+        stopped = stopped or reason
+    return stopped
+
+
 @flow(name="edit-catalog", flow_run_name=_flow_run_name, log_prints=True)
 async def edit_catalog(
     manifest: str,
@@ -104,6 +250,7 @@ async def edit_catalog(
     max_failure_ratio: float = 0.1,
     prefer_wait: int | None = 10,
     max_task_runs: int = 500,
+    shards: int | None = None,
     artifact_key: str | None = None,
 ) -> CatalogSummary:
     """Edit every image of a CSV manifest with FLUX.1 Kontext [dev]; write a results manifest.
@@ -130,6 +277,11 @@ async def edit_catalog(
         max_failure_ratio: The run ends Failed when more than this share of rows did not succeed.
         prefer_wait: Seconds a create may wait for the result (``Prefer: wait``), or None.
         max_task_runs: Rows are grouped so that the run has at most about this many task runs.
+        shards: Only with a task runner that runs tasks in other processes or on other machines
+            (``edit_catalog.with_options(task_runner=DaskTaskRunner(...))``): the rows are split
+            into this many task runs, each with its own client and ``1/shards`` of `concurrency`
+            and `max_creates_per_minute`. Default: one per 8 of `concurrency`. The output
+            directory must be one every worker sees (a shared filesystem on a real cluster).
         artifact_key: Key prefix for the run's artifacts (default from the manifest name), stable
             across runs so that they can be compared in the UI.
 
@@ -189,6 +341,8 @@ async def edit_catalog(
     )
     client.log = log  # retries (429 and the wait, 503, truncated downloads) show in the run's logs
     started = datetime.now(UTC)
+    settings = RunSettings(prediction_timeout=prediction_timeout)
+    stopped: str | None = None
     async with client:  # closed however the run ends (a locked output directory included)
         with Journal(out) as journal:
             dirty = asyncio.Event()
@@ -198,7 +352,7 @@ async def edit_catalog(
                 client,
                 journal,
                 concurrency=concurrency,
-                settings=RunSettings(prediction_timeout=prediction_timeout),
+                settings=settings,
                 on_result=lambda index, result: dirty.set(),
                 log=log,
             )
@@ -242,7 +396,21 @@ async def edit_catalog(
                 # No `tags(...)` around the task runs: a tagged task run acquires tag concurrency
                 # slots through one serialised service, which measured 2.4 s before the first row
                 # started and stalls of ~1.8 s later (B1). The flow run carries the tags instead.
-                await asyncio.gather(*(run_group(rows) for rows in groups))
+                if _spreads_over_processes() and todo:
+                    stopped = await _run_in_shards(
+                        run,
+                        todo,
+                        shards=shards or math.ceil(concurrency / 8),
+                        out=out,
+                        credentials=credentials,
+                        concurrency=concurrency,
+                        max_creates_per_minute=max_creates_per_minute,
+                        prefer_wait=prefer_wait,
+                        settings=settings,
+                    )
+                else:
+                    await asyncio.gather(*(run_group(rows) for rows in groups))
+                    stopped = str(run.stopped) if run.stopped else None
             finally:
                 refresher_task.cancel()
                 refresh()
@@ -258,15 +426,15 @@ async def edit_catalog(
         total=total,
         counts=dict(counts),
         failure_ratio=len(failures) / total if total else 0.0,
-        stopped_reason=str(run.stopped) if run.stopped else None,
+        stopped_reason=stopped,
         failures=[{"id": r["id"], "status": r["status"], "error": r["error"]} for r in failures],
     )
     images = [row.edit.input_image if row.edit else row.image_url for row in checked.rows]
     await publish_final_artifacts(key, run.results, summary, started, finished, MODEL, images)
     log.info("Done: %s; results in %s", dict(counts), results_file)
-    if run.stopped is not None:
+    if stopped is not None:
         return Failed(
-            message=f"Run stopped: {run.stopped}. Rows not attempted are pending and will run next time.",
+            message=f"Run stopped: {stopped}. Rows not attempted are pending and will run next time.",
             data=summary,
         )
     if summary.failure_ratio > max_failure_ratio:

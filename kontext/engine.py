@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -77,10 +77,11 @@ def _prediction_record(prediction: Prediction) -> dict[str, Any]:
 
 
 class CatalogRun:
-    """The rows of one manifest, run into one output directory.
+    """The rows of one manifest (or one shard of it), run into one output directory.
 
     Args:
-        manifest: The checked manifest.
+        manifest: The checked manifest, or the rows of one shard of it (a run spread over
+            processes); `results` follow this order.
         output_dir: Where output files and the journal go.
         client: The API client (its rate limiter is shared by all rows).
         journal: The run journal of `output_dir`.
@@ -92,7 +93,7 @@ class CatalogRun:
 
     def __init__(
         self,
-        manifest: Manifest,
+        manifest: Manifest | Sequence[ManifestRow],
         output_dir: Path,
         client: ReplicateClient,
         journal: Journal,
@@ -104,7 +105,8 @@ class CatalogRun:
     ):
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        self.manifest = manifest
+        self.rows = list(manifest.rows if isinstance(manifest, Manifest) else manifest)
+        self._position = {row.index: position for position, row in enumerate(self.rows)}
         self.output_dir = Path(output_dir)
         self.client = client
         self.journal = journal
@@ -113,10 +115,12 @@ class CatalogRun:
         self.log = log or logger
         self._slots = asyncio.Semaphore(concurrency)
         self.stopped: AccountError | None = None
-        # Downloads a killed run left half-written (we hold the journal's lock: nobody else writes).
-        for partial in self.output_dir.glob(".*.part"):
-            partial.unlink(missing_ok=True)
-        self.results: list[dict[str, Any]] = [self.planned(row) for row in manifest.rows]
+        if journal.exclusive:
+            # Downloads a killed run left half-written (we hold the directory's lock: no shard of
+            # this run has started yet, and no other run can be writing).
+            for partial in self.output_dir.glob(".*.part"):
+                partial.unlink(missing_ok=True)
+        self.results: list[dict[str, Any]] = [self.planned(row) for row in self.rows]
 
     # ------------------------------------------------------------------ planning
 
@@ -147,9 +151,7 @@ class CatalogRun:
     @property
     def rows_to_run(self) -> list[ManifestRow]:
         return [
-            row
-            for row, result in zip(self.manifest.rows, self.results, strict=True)
-            if result["status"] == "pending"
+            row for row, result in zip(self.rows, self.results, strict=True) if result["status"] == "pending"
         ]
 
     # ------------------------------------------------------------------ one row
@@ -168,12 +170,17 @@ class CatalogRun:
                     await self.journal.record(
                         {"event": "finished", "id": row.id, "input_hash": row.input_hash, "result": result}
                     )
-                    return self._set(row, result)
+                    return self.set_result(row, result)
         reason = f"not attempted: the run stopped after an account error ({self.stopped})"
-        return self._set(row, self._result(row, "pending", error=reason))
+        return self.set_result(row, self._result(row, "pending", error=reason))
 
-    def _set(self, row: ManifestRow, result: dict[str, Any]) -> dict[str, Any]:
-        self.results[row.index] = result
+    def result_of(self, row: ManifestRow) -> dict[str, Any]:
+        """`row`'s current result."""
+        return self.results[self._position[row.index]]
+
+    def set_result(self, row: ManifestRow, result: dict[str, Any]) -> dict[str, Any]:
+        """Record `row`'s result (also one a shard in another process reported)."""
+        self.results[self._position[row.index]] = result
         if self.on_result is not None:
             self.on_result(row.index, result)
         return result
@@ -373,3 +380,45 @@ _CARRIED = (
 def _carried(done: dict[str, Any]) -> dict[str, Any]:
     """What a skipped row keeps from the run that made its output."""
     return {key: done.get(key) for key in _CARRIED}
+
+
+@dataclass
+class ShardOutcome:
+    """What one shard of a run spread over processes did.
+
+    Attributes:
+        results: One result per row of the shard, in the shard's order.
+        stopped: Why the shard stopped early (an account error), or None.
+    """
+
+    results: list[dict[str, Any]]
+    stopped: str | None = None
+
+    def __repr__(self) -> str:  # Prefect logs a failed task's result: keep that line short
+        counts: dict[str, int] = {}
+        for result in self.results:
+            counts[result["status"]] = counts.get(result["status"], 0) + 1
+        return f"ShardOutcome({counts}, stopped={self.stopped!r})"
+
+
+async def run_shard(
+    rows: Sequence[ManifestRow],
+    output_dir: Path,
+    client: ReplicateClient,
+    *,
+    concurrency: int = 16,
+    settings: RunSettings | None = None,
+    log: Log | None = None,
+) -> ShardOutcome:
+    """Run one shard of a catalog run in this process, with its own client.
+
+    The run that owns `output_dir` planned the rows and holds the directory's lock; a shard appends
+    to the same journal, re-reads it first (so a shard run again after its worker was lost resumes
+    its predictions instead of creating them again) and never touches other shards' files.
+    """
+    with Journal(output_dir, exclusive=False) as journal:
+        run = CatalogRun(
+            rows, output_dir, client, journal, concurrency=concurrency, settings=settings, log=log
+        )
+        await asyncio.gather(*(run.run_row(row) for row in run.rows_to_run))
+    return ShardOutcome(run.results, str(run.stopped) if run.stopped else None)

@@ -87,24 +87,35 @@ def apply_event(state: JournalState, event: dict[str, Any]) -> None:
 
 
 class Journal:
-    """Appends records durably; holds an exclusive lock on the output directory while open."""
+    """Appends records durably; holds an exclusive lock on the output directory while open.
 
-    def __init__(self, output_dir: Path, *, durable: bool = True):
+    Args:
+        output_dir: The run's output directory (the journal lives in its ``.kontext`` folder).
+        durable: fsync every batch of records.
+        exclusive: Take the directory's lock (the run that owns the directory). A shard of a run
+            spread over several processes (a Dask task runner) opens it with ``exclusive=False``:
+            the owning run holds the lock, and every writer locks the file for each append.
+    """
+
+    def __init__(self, output_dir: Path, *, durable: bool = True, exclusive: bool = True):
         self.dir = Path(output_dir) / JOURNAL_DIR
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / JOURNAL_FILE
         self.durable = durable
-        self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise JournalLockedError(
-                f"another run is writing to {output_dir} (lock {self.dir / 'lock'}); "
-                "wait for it to finish or use another output directory"
-            ) from None
+        self.exclusive = exclusive
+        self._lock_fd: int | None = None
+        if exclusive:
+            self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._lock_fd)
+                raise JournalLockedError(
+                    f"another run is writing to {output_dir} (lock {self.dir / 'lock'}); "
+                    "wait for it to finish or use another output directory"
+                ) from None
         self.state = read_journal(self.path)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._pending: list[tuple[str, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
 
@@ -132,18 +143,58 @@ class Journal:
                         future.set_result(None)
 
     def _write(self, lines: list[str]) -> None:
-        self._file.write("".join(line + "\n" for line in lines))
-        self._file.flush()
-        if self.durable:
-            os.fsync(self._file.fileno())
+        # Whole lines only, one writer at a time: shards in other processes append to this file too.
+        fd = self._file.fileno()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            # A writer killed mid-line left a torn record: start on a line of our own, or the
+            # first record written after it would be glued to it and lost when read.
+            torn = end > 0 and os.pread(fd, 1, end - 1) != b"\n"
+            self._file.write("\n" * torn + "".join(line + "\n" for line in lines))
+            self._file.flush()
+            if self.durable:
+                os.fsync(self._file.fileno())
+        finally:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
 
     def close(self) -> None:
         self._file.close()
-        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-        os.close(self._lock_fd)
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def __enter__(self) -> Journal:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class JournalFollower:
+    """The records appended to a journal since the last look: whole lines only, in order.
+
+    The run that spreads its rows over other processes follows their progress this way.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._offset = self.path.stat().st_size if self.path.exists() else 0
+        self._rest = b""
+
+    def read_new(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        with open(self.path, "rb") as handle:
+            handle.seek(self._offset)
+            data = handle.read()
+        self._offset += len(data)
+        *lines, self._rest = (self._rest + data).split(b"\n")
+        events = []
+        for line in lines:
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a killed writer
+                continue
+        return events

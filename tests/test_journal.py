@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import multiprocessing
+from pathlib import Path
 
 import pytest
 
@@ -42,3 +45,54 @@ def test_one_run_per_output_directory(tmp_path):
         with pytest.raises(JournalLockedError, match="another run"):
             Journal(tmp_path)
     Journal(tmp_path).close()  # released on close
+
+
+def test_a_record_written_after_a_torn_line_is_kept(tmp_path):
+    path = tmp_path / ".kontext" / "journal.jsonl"
+    path.parent.mkdir()
+    path.write_text('{"event": "created", "id": "a", "input_hash": "h", "prediction": {"id": "p1"}}\n{"ev')
+
+    async def write():
+        with Journal(tmp_path) as journal:
+            await journal.record(
+                {"event": "created", "id": "b", "input_hash": "h", "prediction": {"id": "p2"}}
+            )
+
+    asyncio.run(write())
+    assert read_journal(path).prediction_ids == {"p1", "p2"}
+
+
+def _append_from_another_process(output_dir: str, writer: int, records: int) -> None:
+    async def write():
+        with Journal(Path(output_dir), exclusive=False, durable=False) as journal:
+            for batch in range(0, records, 10):
+                await asyncio.gather(
+                    *(
+                        journal.record(
+                            {
+                                "event": "created",
+                                "id": f"w{writer}-{i}",
+                                "input_hash": "h" * 200,  # long lines make interleaving likelier
+                                "prediction": {"id": f"p{writer}-{i}"},
+                            }
+                        )
+                        for i in range(batch, batch + 10)
+                    )
+                )
+
+    asyncio.run(write())
+
+
+def test_shards_in_other_processes_append_whole_lines_while_the_owner_holds_the_lock(tmp_path):
+    # A run spread over processes (a Dask task runner): the flow's process owns the directory,
+    # every shard appends to the same journal.
+    with Journal(tmp_path) as owner:
+        with multiprocessing.get_context("spawn").Pool(3) as pool:
+            pool.starmap(_append_from_another_process, [(str(tmp_path), w, 200) for w in range(3)])
+        with pytest.raises(JournalLockedError):
+            Journal(tmp_path)  # a second run is still refused
+        assert owner.exclusive
+    lines = (tmp_path / ".kontext" / "journal.jsonl").read_text().splitlines()
+    assert len(lines) == 600
+    assert all(json.loads(line)["event"] == "created" for line in lines)
+    assert len(read_journal(tmp_path / ".kontext" / "journal.jsonl").prediction_ids) == 600

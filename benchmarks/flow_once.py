@@ -34,8 +34,14 @@ def main() -> None:
         return None
 
     warm_up()
+    catalog_flow = edit_catalog
+    if workers := params.pop("dask_workers", None):  # a temporary local Dask cluster (B6)
+        from prefect_dask import DaskTaskRunner
+
+        cluster = {"n_workers": workers, "threads_per_worker": 1, "dashboard_address": None}
+        catalog_flow = edit_catalog.with_options(task_runner=DaskTaskRunner(cluster_kwargs=cluster))
     t_flow = time.perf_counter()
-    state = asyncio.run(edit_catalog(manifest=manifest, output_dir=out, return_state=True, **params))
+    state = asyncio.run(catalog_flow(manifest=manifest, output_dir=out, return_state=True, **params))
     flow_seconds = time.perf_counter() - t_flow
     summary = state.result(raise_on_failure=False)
     print(

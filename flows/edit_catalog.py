@@ -28,10 +28,12 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, wait
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run as runtime_flow_run
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
@@ -185,12 +187,20 @@ async def _run_in_shards(
         options.max_creates_per_minute,
     )
     futures: list[PrefectFuture[Any]] = []
-    for number, rows in enumerate(chunks, 1):
-        span = rows[0].id if len(rows) == 1 else f"{rows[0].id}..{rows[-1].id}"
-        name = f"edit-shard-{number}-of-{len(chunks)} {span} ({len(rows)} row{'s' * (len(rows) > 1)})"
-        futures.append(
-            edit_shard.with_options(task_run_name=name).submit(rows, str(out), credentials, options)
-        )
+    api_url = PREFECT_API_URL.value()
+    if not api_url:
+        # Prefect's embedded server: tell the shards where it is (the settings travel with each
+        # task), or every worker process starts an embedded server of its own, ~10 s each, and
+        # records the shards' task runs and logs there, out of this run's sight.
+        async with get_client() as prefect_client:
+            api_url = str(prefect_client.api_url).rstrip("/")
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        for number, rows in enumerate(chunks, 1):
+            span = rows[0].id if len(rows) == 1 else f"{rows[0].id}..{rows[-1].id}"
+            name = f"edit-shard-{number}-of-{len(chunks)} {span} ({len(rows)} row{'s' * (len(rows) > 1)})"
+            futures.append(
+                edit_shard.with_options(task_run_name=name).submit(rows, str(out), credentials, options)
+            )
     by_id = {row.id: row for row in todo}
     follower = JournalFollower(out / ".kontext" / "journal.jsonl")
 

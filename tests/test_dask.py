@@ -7,8 +7,11 @@ credentials block loaded in the worker) and its share of the limits, all appendi
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -16,7 +19,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
 from blocks import ReplicateCredentials
-from tests.helpers import good_rows, manifest, read_results, run_flow
+from tests.helpers import REPO_ROOT, good_rows, manifest, read_results, run_flow
 
 distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
 prefect_dask = pytest.importorskip("prefect_dask", reason="the dask extra is not installed")
@@ -133,3 +136,50 @@ def test_the_threaded_default_still_runs_one_task_run_per_row(sandbox_env, tmp_p
     )
     task_runs, _ = asyncio.run(_task_runs_and_logs(state.state_details.flow_run_id))
     assert sorted(t.name for t in task_runs) == ["edit-SKU-000", "edit-SKU-001", "edit-SKU-002"]
+
+
+EMBEDDED_SCRIPT = """
+import asyncio, json, sys
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect_dask import DaskTaskRunner
+from flows.edit_catalog import edit_catalog
+
+runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "dashboard_address": None})
+state = asyncio.run(edit_catalog.with_options(task_runner=runner)(
+    manifest=sys.argv[1], output_dir=sys.argv[2], shards=2, return_state=True
+))
+
+async def task_runs():
+    async with get_client() as client:
+        flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        return [run.name for run in await client.read_task_runs(flow_run_filter=flow_run)]
+
+print(json.dumps({"state": state.type.value, "task_runs": asyncio.run(task_runs())}))
+"""
+
+
+def test_on_prefects_embedded_server_the_shards_report_to_the_flows_server(sandbox, tmp_path):
+    # No PREFECT_API_URL: the flow starts Prefect's embedded server. Its shards must record their
+    # task runs there, not start an embedded server of their own in every Dask worker.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "REPLICATE_"))}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        REPLICATE_API_TOKEN=sandbox.token,
+        REPLICATE_BASE_URL=sandbox.base_url,
+    )
+    path = manifest(tmp_path, good_rows(4))
+    done = subprocess.run(
+        [sys.executable, "-c", EMBEDDED_SCRIPT, str(path), str(tmp_path / "out")],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["state"] == "COMPLETED"
+    assert sorted(result["task_runs"]) == [
+        "edit-shard-1-of-2 SKU-000..SKU-001 (2 rows)",
+        "edit-shard-2-of-2 SKU-002..SKU-003 (2 rows)",
+    ]
+    assert (done.stdout + done.stderr).count("Starting temporary server") == 1
+    assert sandbox.creates == 4

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kontext.journal import Journal, JournalLockedError, read_journal
+from kontext.journal import Journal, JournalFollower, JournalLockedError, read_journal
 
 
 def test_records_fold_into_row_state(tmp_path):
@@ -96,3 +96,17 @@ def test_shards_in_other_processes_append_whole_lines_while_the_owner_holds_the_
     assert len(lines) == 600
     assert all(json.loads(line)["event"] == "created" for line in lines)
     assert len(read_journal(tmp_path / ".kontext" / "journal.jsonl").prediction_ids) == 600
+
+
+def test_the_follower_reads_whole_new_lines_once(tmp_path):
+    path = tmp_path / "journal.jsonl"
+    path.write_text('{"event": "created", "id": "old"}\n')
+    follower = JournalFollower(path)  # starts at the end: only what is appended from now on
+    assert follower.read_new() == []
+    with open(path, "a") as handle:
+        handle.write('{"event": "finished", "id": "a"}\n{"event": "finis')  # a line being written
+        handle.flush()
+        assert [e["id"] for e in follower.read_new()] == ["a"]
+        handle.write('hed", "id": "b"}\n{"torn\n{"event": "finished", "id": "c"}\n')
+    assert [e["id"] for e in follower.read_new()] == ["b", "c"]  # the torn line is skipped
+    assert follower.read_new() == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import secrets
@@ -20,6 +21,7 @@ from typing import Any
 
 from kontext.errors import KontextError
 from kontext.manifest import Manifest, ManifestError, load_manifest
+from kontext.prefect_server import EarlyPrefectServer
 from kontext.schema import ASPECT_RATIOS, OUTPUT_FORMATS
 
 PRICE_PER_IMAGE_USD = 0.025
@@ -152,11 +154,39 @@ def _print_summary(summary: Any) -> None:
     print(f"results: {summary.results}")
 
 
-def run_flow(parameters: dict[str, Any]) -> Any:
-    """Run the catalog flow and return its `CatalogSummary` (also when the run ended Failed)."""
-    from flows.edit_catalog import edit_catalog
+def _flush_to_prefect() -> None:
+    """Send the logs and events Prefect still holds (it would at exit, to a stopped server)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
 
-    state = asyncio.run(edit_catalog(**parameters, return_state=True))
+    APILogWorker.drain_all(timeout=30)
+    EventsWorker.drain_all(timeout=30)
+
+
+def run_flow(parameters: dict[str, Any], server: EarlyPrefectServer | None = None) -> Any:
+    """Run the catalog flow and return its `CatalogSummary` (also when the run ended Failed).
+
+    `server`, when given, was started before Prefect was imported; it is used only if Prefect's
+    settings name no server (a profile may), and stopped however the run ends.
+    """
+    try:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        from flows.edit_catalog import edit_catalog
+
+        settings: Any = contextlib.nullcontext()
+        if server is not None and not PREFECT_API_URL.value():
+            if server.wait_ready():
+                settings = temporary_settings(updates={PREFECT_API_URL: server.api_url})
+            else:  # Prefect starts its embedded server instead, as it would have anyway
+                print(f"note: the early Prefect server did not start:\n{server.output()}", file=sys.stderr)
+        with settings:
+            state = asyncio.run(edit_catalog(**parameters, return_state=True))
+    finally:
+        if server is not None:
+            if server.proc.poll() is None:
+                _flush_to_prefect()  # the run's last logs and events, while their server is up
+            server.stop()
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):
         raise result
@@ -172,9 +202,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    server = EarlyPrefectServer.start_if_embedded()  # starts while the manifest is read
     try:
         load_manifest(args.manifest)
     except ManifestError as exc:
+        if server is not None:
+            server.stop()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     parameters = {
@@ -190,7 +223,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         **_model_defaults(args),
     }
     try:
-        summary = run_flow(parameters)
+        summary = run_flow(parameters, server)
     except (KontextError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -205,6 +238,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not manifest.exists():
         print(f"error: the bundled example is missing ({manifest})", file=sys.stderr)
         return 2
+    server = EarlyPrefectServer.start_if_embedded()  # starts while the sandbox does
     token = "demo-" + secrets.token_hex(8)
     out = Path(args.out).resolve()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry
@@ -215,7 +249,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"Local Replicate sandbox at {sandbox.base_url} (outputs served from {sandbox.output_base_url})"
         )
         print(f"Running {manifest.relative_to(REPO_ROOT)} through the edit-catalog flow...")
-        summary = run_flow({"manifest": str(manifest), "output_dir": str(out), "concurrency": 8})
+        summary = run_flow({"manifest": str(manifest), "output_dir": str(out), "concurrency": 8}, server)
         creates = sandbox.creates
     _print_summary(summary)
     print(f"\nEdited images: {out}/  ({creates} predictions created this run)")

@@ -1,0 +1,89 @@
+"""`kontext run` with no Prefect server configured starts one early and leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import REPO_ROOT, good_rows, manifest
+
+pytestmark = pytest.mark.slow
+
+
+def _env(sandbox, home) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "REPLICATE_", "KONTEXT_"))}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        REPLICATE_API_TOKEN=sandbox.token,
+        REPLICATE_BASE_URL=sandbox.base_url,
+    )
+    return env
+
+
+def _children(pid: int) -> list[int]:
+    path = f"/proc/{pid}/task/{pid}/children"
+    return [int(p) for p in open(path).read().split()] if os.path.exists(path) else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_run_records_everything_on_the_early_server_and_stops_it(sandbox, tmp_path):
+    home = tmp_path / "prefect-home"
+    path = manifest(tmp_path, good_rows(3))
+    done = subprocess.run(
+        [sys.executable, "-m", "kontext.cli", "run", str(path), "--out", str(tmp_path / "out")],
+        cwd=REPO_ROOT, env=_env(sandbox, home), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "3 rows (succeeded: 3)" in done.stdout
+    assert "Error logging to API" not in output and "did not start" not in output
+    assert "Starting temporary server" not in output  # Prefect did not start its embedded one
+    # Everything reached Prefect's database in PREFECT_HOME, the one the embedded server uses.
+    with sqlite3.connect(home / "prefect.db") as db:
+        (flow_runs,) = db.execute("select count(*) from flow_run where state_type = 'COMPLETED'").fetchone()
+        task_runs = {name for (name,) in db.execute("select name from task_run")}
+        logs = [message for (message,) in db.execute("select message from log")]
+    assert flow_runs == 1
+    assert task_runs == {"edit-SKU-000", "edit-SKU-001", "edit-SKU-002"}
+    assert any(message.startswith("Done: {'succeeded': 3}") for message in logs)  # the last log line
+
+
+def test_a_killed_run_takes_its_server_with_it(sandbox, tmp_path):
+    sandbox.config.latency = 30  # the run is still going when it is killed
+    path = manifest(tmp_path, good_rows(2))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kontext.cli", "run", str(path), "--out", str(tmp_path / "out")],
+        cwd=REPO_ROOT,
+        env=_env(sandbox, tmp_path / "home"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (servers := _children(proc.pid)):  # the server is its first child
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)  # poll interval of a bounded wait for the child to appear
+        while sandbox.creates < 2:  # the flow is running on that server
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)  # poll interval of a bounded wait for the creates
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while _alive(servers[0]):
+        assert time.monotonic() < deadline, "the server outlived the killed run"
+        time.sleep(0.05)  # poll interval of a bounded wait for the server's exit

@@ -148,8 +148,10 @@ def ours_cli(
     concurrency: int,
     api_url: str | None = None,
     prefect_home: Path | None = None,
+    early_server: bool = True,
 ):
-    """What a user types: `kontext run` (the flow on Prefect's embedded server unless `api_url`)."""
+    """What a user types: `kontext run` (on a server it starts itself unless `api_url`; with
+    `early_server` False, on the embedded server Prefect starts when the flow is called)."""
     args = [
         PY,
         "-m",
@@ -161,7 +163,10 @@ def ours_cli(
         "--concurrency",
         str(concurrency),
     ]
-    return run_child(args, child_env(sandbox, api_url, prefect_home), json_line=False)
+    env = child_env(sandbox, api_url, prefect_home)
+    if not early_server:
+        env["KONTEXT_EARLY_SERVER"] = "0"
+    return run_child(args, env, json_line=False)
 
 
 def prepare_prefect_home() -> Path:
@@ -238,6 +243,12 @@ def b2_peer(tmp: Path, quick: bool) -> list[Figure]:
         f"B2 vs official client, N={n}, incl. Prefect start-up",
         "b2-ours",
         prefect_home=prepare_prefect_home(),
+    )
+    run(
+        "B2 the same, Prefect's own embedded server (KONTEXT_EARLY_SERVER=0)",
+        "b2-embedded",
+        prefect_home=prepare_prefect_home(),
+        early_server=False,
     )
     run("B2 the same, first run on a machine (creates Prefect's DB)", "b2-first")
     from tests.helpers import PrefectServer

@@ -255,7 +255,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nEdited images: {out}/  ({creates} predictions created this run)")
     print("Look at the run (artifacts: progress, results table, summary, before/after gallery) with")
     print("  prefect server start   # then open http://127.0.0.1:4200/runs")
-    print("(the demo ran on Prefect's embedded server; set PREFECT_API_URL to run it on yours).")
+    print("(the demo ran on a temporary Prefect server over Prefect's local database, the one")
+    print(" `prefect server start` shows; set PREFECT_API_URL to run it on a server of yours).")
     print("Run `kontext demo` again: every row is skipped, nothing is created twice.")
     return 0 if summary.ok else 1
 

@@ -169,22 +169,27 @@ def run_flow(parameters: dict[str, Any], server: EarlyPrefectServer | None = Non
     `server`, when given, was started before Prefect was imported; it is used only if Prefect's
     settings name no server (a profile may), and stopped however the run ends.
     """
+    used = False
     try:
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         from flows.edit_catalog import edit_catalog
 
         settings: Any = contextlib.nullcontext()
-        if server is not None and not PREFECT_API_URL.value():
-            if server.wait_ready():
+        if server is not None:
+            if PREFECT_API_URL.value():  # a profile names a server: the run goes there
+                server.stop()
+            elif server.wait_ready():
                 settings = temporary_settings(updates={PREFECT_API_URL: server.api_url})
+                used = True
             else:  # Prefect starts its embedded server instead, as it would have anyway
                 print(f"note: the early Prefect server did not start:\n{server.output()}", file=sys.stderr)
+                server.stop()
         with settings:
             state = asyncio.run(edit_catalog(**parameters, return_state=True))
     finally:
         if server is not None:
-            if server.proc.poll() is None:
+            if used and server.proc.poll() is None:
                 _flush_to_prefect()  # the run's last logs and events, while their server is up
             server.stop()
     result = state.result(raise_on_failure=False)

@@ -87,3 +87,28 @@ def test_a_killed_run_takes_its_server_with_it(sandbox, tmp_path):
     while _alive(servers[0]):
         assert time.monotonic() < deadline, "the server outlived the killed run"
         time.sleep(0.05)  # poll interval of a bounded wait for the server's exit
+
+
+def test_a_configured_server_wins_and_the_early_one_is_stopped_unused(sandbox_env, tmp_path):
+    # Prefect's settings name a server (here the test harness's, as a profile would): the run goes
+    # there, and the server started before Prefect was imported is stopped, unused.
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    from kontext.cli import run_flow
+    from kontext.prefect_server import EarlyPrefectServer
+
+    server = EarlyPrefectServer()
+    path = manifest(tmp_path, good_rows(2), name="configured-server.csv")
+    summary = run_flow({"manifest": str(path), "output_dir": str(tmp_path / "out")}, server)
+    assert summary.counts == {"succeeded": 2}
+    assert server.proc.poll() is not None  # stopped
+
+    async def runs():
+        async with get_client() as client:
+            name = FlowRunFilterName(like_="catalog-configured-server-")
+            return await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=name))
+
+    assert len(asyncio.run(runs())) == 1  # recorded on the configured server

@@ -384,6 +384,84 @@ def b6_dask(tmp: Path, quick: bool) -> list[Figure]:
     ]
 
 
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def b7_startup(tmp: Path, quick: bool) -> list[Figure]:
+    """Where B2's start-up goes: each piece timed as whole processes, median of 3 (1 if quick)."""
+    repeats = 1 if quick else 3
+    home = prepare_prefect_home()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "REPLICATE_"))}
+    env.update(
+        PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING"
+    )
+
+    def wall(args: list[str], extra: dict[str, str] | None = None) -> float:
+        return _median(
+            [
+                run_child(args, {**env, **(extra or {})}, json_line=False)[0]["process_seconds"]
+                for _ in range(repeats)
+            ]
+        )
+
+    def server_ready() -> float:
+        """`prefect server start` (as `kontext run` starts it) from Popen to its health check."""
+        times = []
+        for _ in range(repeats):
+            port = free_port()
+            command = [PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+            started = time.perf_counter()
+            proc = subprocess.Popen(
+                [*command, "--no-ui", "--no-scheduler", "--no-late-runs"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                while True:
+                    try:
+                        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
+                            break
+                    except OSError:
+                        if proc.poll() is not None or time.perf_counter() - started > 120:
+                            raise RuntimeError("prefect server start did not answer") from None
+                        time.sleep(0.05)  # poll interval while the server starts
+                times.append(time.perf_counter() - started)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+        return _median(times)
+
+    python = wall([PY, "-c", "pass"])
+    prefect_import = wall([PY, "-c", "import prefect"])
+    flow_import = wall([PY, "-c", "import flows.edit_catalog"])
+    ready = server_ready()
+    manifest = write_manifest(tmp / "b7.csv", 1)
+    with SandboxProcess(latency=0.05, start_delay=0.0) as sb:
+        run_env = {"REPLICATE_API_TOKEN": TOKEN, "REPLICATE_BASE_URL": sb.base_url}
+        cli = [PY, "-m", "kontext.cli", "run", str(manifest), "--out"]
+        from tests.helpers import PrefectServer
+
+        with PrefectServer(Path(tempfile.mkdtemp(prefix="bench-server-"))) as server:
+            on_server = wall([*cli, str(tmp / "b7-server")], {**run_env, "PREFECT_API_URL": server.api_url})
+        early = wall([*cli, str(tmp / "b7-early")], run_env)
+        embedded = wall([*cli, str(tmp / "b7-embedded")], {**run_env, "KONTEXT_EARLY_SERVER": "0"})
+
+    def report(name: str, seconds: float, note: str = "") -> Figure:
+        return Figure(name, seconds, on_server, seconds / on_server, "report", True, "s", note)
+
+    return [
+        report("B7 python start-up alone", python),
+        report("B7 import prefect", prefect_import),
+        report("B7 import the flow layer (prefect, pandas, ...)", flow_import),
+        report("B7 prefect server start, Popen to /health", ready, "the early server"),
+        report("B7 kontext run, 1 row, running server", on_server, "baseline of this block"),
+        report("B7 kontext run, 1 row, early server (default)", early),
+        report("B7 kontext run, 1 row, Prefect's embedded server", embedded, "KONTEXT_EARLY_SERVER=0"),
+    ]
+
+
 BENCHMARKS = {
     "B1": b1_throughput,
     "B2": b2_peer,
@@ -391,6 +469,7 @@ BENCHMARKS = {
     "B4": b4_scale,
     "B5": b5_dry_run,
     "B6": b6_dask,
+    "B7": b7_startup,
 }
 
 

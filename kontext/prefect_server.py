@@ -15,7 +15,7 @@ imported Prefect's settings (a profile may name a server of its own).
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -24,14 +24,24 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the server gets SIGTERM if the CLI is killed, instead of living on as an orphan."""
-    with contextlib.suppress(Exception):
-        import ctypes
+def _parent_death_signal() -> Callable[[], None] | None:
+    """Linux: a function for the child (between fork and exec) that asks for SIGTERM when its parent
+    dies, so a killed run does not leave its server behind. Resolved here, in the parent: the child
+    must not import or take locks."""
+    if sys.platform != "linux":
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    def set_parent_death_signal() -> None:  # pragma: no cover - runs in the child
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    return set_parent_death_signal
 
 
 class EarlyPrefectServer:
@@ -50,7 +60,7 @@ class EarlyPrefectServer:
             stdin=subprocess.DEVNULL,
             stdout=self._output,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+            preexec_fn=_parent_death_signal(),  # noqa: PLW1509
         )
 
     @classmethod

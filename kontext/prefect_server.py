@@ -23,8 +23,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 
 def _parent_death_signal() -> Callable[[], None] | None:
@@ -42,6 +44,20 @@ def _parent_death_signal() -> Callable[[], None] | None:
         prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
     return set_parent_death_signal
+
+
+def _profile_names_a_server() -> bool:
+    """Whether the active Prefect profile sets ``PREFECT_API_URL`` (``prefect config set``, or
+    ``prefect cloud login``), read from the profiles file without importing Prefect."""
+    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
+    try:
+        profiles = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
+    name = os.environ.get("PREFECT_PROFILE") or profiles.get("active") or "ephemeral"
+    profile = profiles.get("profiles", {}).get(name, {})
+    return isinstance(profile, dict) and bool(profile.get("PREFECT_API_URL"))
 
 
 class EarlyPrefectServer:
@@ -65,8 +81,12 @@ class EarlyPrefectServer:
 
     @classmethod
     def start_if_embedded(cls) -> EarlyPrefectServer | None:
-        """Start one unless the environment names a server (or ``KONTEXT_EARLY_SERVER=0``)."""
+        """Start one unless the environment or the active Prefect profile names a server (or
+        ``KONTEXT_EARLY_SERVER=0``). Other places Prefect reads settings from (a ``prefect.toml``,
+        a ``.env``) are left to the caller's check once Prefect is imported."""
         if os.environ.get("PREFECT_API_URL") or os.environ.get("KONTEXT_EARLY_SERVER") == "0":
+            return None
+        if _profile_names_a_server():
             return None
         try:
             return cls()

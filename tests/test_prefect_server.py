@@ -112,3 +112,36 @@ def test_a_configured_server_wins_and_the_early_one_is_stopped_unused(sandbox_en
             return await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=name))
 
     assert len(asyncio.run(runs())) == 1  # recorded on the configured server
+
+
+@pytest.mark.parametrize(
+    ("profiles", "env", "starts"),
+    [
+        (None, {}, True),  # no profiles file: Prefect would start its embedded server
+        ('active = "local"\n[profiles.local]\nPREFECT_API_URL = "http://127.0.0.1:4200/api"\n', {}, False),
+        ('active = "local"\n[profiles.local]\nPREFECT_LOGGING_LEVEL = "INFO"\n', {}, True),
+        ('[profiles.ephemeral]\nPREFECT_API_URL = "http://127.0.0.1:4200/api"\n', {}, False),  # default
+        (
+            'active = "local"\n[profiles.local]\n[profiles.cloud]\nPREFECT_API_URL = "https://x"\n',
+            {"PREFECT_PROFILE": "cloud"},
+            False,
+        ),
+        ("not toml [", {}, True),
+        (None, {"PREFECT_API_URL": "http://127.0.0.1:4200/api"}, False),
+        (None, {"KONTEXT_EARLY_SERVER": "0"}, False),
+    ],
+)
+def test_the_early_server_starts_only_when_nothing_names_a_server(
+    tmp_path, monkeypatch, profiles, env, starts
+):
+    from kontext.prefect_server import EarlyPrefectServer
+
+    for name in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH", "KONTEXT_EARLY_SERVER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if profiles is not None:
+        (tmp_path / "profiles.toml").write_text(profiles)
+    monkeypatch.setattr(EarlyPrefectServer, "__init__", lambda self: None)  # no process for this
+    assert (EarlyPrefectServer.start_if_embedded() is not None) is starts

@@ -189,9 +189,11 @@ def run_flow(parameters: dict[str, Any], server: EarlyPrefectServer | None = Non
             state = asyncio.run(edit_catalog(**parameters, return_state=True))
     finally:
         if server is not None:
-            if used and server.proc.poll() is None:
-                _flush_to_prefect()  # the run's last logs and events, while their server is up
-            server.stop()
+            try:
+                if used and server.proc.poll() is None:
+                    _flush_to_prefect()  # the run's last logs and events, while their server is up
+            finally:
+                server.stop()
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):
         raise result

@@ -194,15 +194,26 @@ def calls(stats: dict[str, Any], origin: str) -> int:
 # ---------------------------------------------------------------------- the figures
 
 
-def b1_throughput(tmp: Path, quick: bool) -> list[Figure]:
+def throughput_job(tmp: Path, quick: bool, name: str, **params: Any) -> tuple[int, float, dict, dict]:
+    """B1's job (2 s latency, 1200 creates/min): (N, its bound T*, our result, the sandbox's stats)."""
     n, latency, rate = (200 if quick else 600), 2.0, 1200
     with SandboxProcess(
         latency=latency, start_delay=0.05, create_rate_limit=rate, create_burst=20, other_rate_limit=100000
     ) as sb:
         result, _ = ours(
-            sb, write_manifest(tmp / "b1.csv", n), tmp / "b1", concurrency=96, max_creates_per_minute=rate
+            sb,
+            write_manifest(tmp / f"{name}.csv", n),
+            tmp / name,
+            concurrency=96,
+            max_creates_per_minute=rate,
+            **params,
         )
-    bound = n / (rate / 60) + latency
+        stats = sb.stats()
+    return n, n / (rate / 60) + latency, result, stats
+
+
+def b1_throughput(tmp: Path, quick: bool) -> list[Figure]:
+    n, bound, result, _ = throughput_job(tmp, quick, "b1")
     ratio = result["flow_seconds"] / bound
     return [
         Figure(
@@ -353,21 +364,7 @@ def b5_dry_run(tmp: Path, quick: bool) -> list[Figure]:
 
 def b6_dask(tmp: Path, quick: bool) -> list[Figure]:
     """B1's job on a `DaskTaskRunner` (a temporary local cluster of 2 worker processes, 2 shards)."""
-    n, latency, rate = (200 if quick else 600), 2.0, 1200
-    with SandboxProcess(
-        latency=latency, start_delay=0.05, create_rate_limit=rate, create_burst=20, other_rate_limit=100000
-    ) as sb:
-        result, _ = ours(
-            sb,
-            write_manifest(tmp / "b6.csv", n),
-            tmp / "b6",
-            concurrency=96,
-            max_creates_per_minute=rate,
-            dask_workers=2,
-            shards=2,
-        )
-        stats = sb.stats()
-    bound = n / (rate / 60) + latency
+    n, bound, result, stats = throughput_job(tmp, quick, "b6", dask_workers=2, shards=2)
     ratio = result["flow_seconds"] / bound
     return [
         Figure(

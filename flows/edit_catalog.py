@@ -39,6 +39,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from flows.artifacts import publish_final_artifacts, publish_progress, tag_flow_run
+from kontext.client import ReplicateClient
 from kontext.engine import CatalogRun, RunSettings, ShardOutcome, run_shard
 from kontext.journal import Journal, JournalFollower
 from kontext.manifest import (
@@ -84,6 +85,25 @@ def _group_name(rows: list[ManifestRow]) -> str:
     return f"edit-{rows[0].id}..{rows[-1].id} ({len(rows)} rows)"
 
 
+async def _run_client(
+    credentials: str | None,
+    prefer_wait: int | None,
+    max_creates_per_minute: float,
+    concurrency: int,
+    log: Any,
+) -> ReplicateClient:
+    """The client a run (or one shard of it) uses: its own create rate limiter, a connection pool
+    sized to the predictions in flight, and retries logged to the run's logger."""
+    client = await get_replicate_client(
+        credentials,
+        prefer_wait=prefer_wait,
+        rate_limiter=RateLimiter(max_creates_per_minute),
+        max_connections=max(concurrency * 2, 10),
+    )
+    client.log = log  # retries (429 and the wait, 503, truncated downloads) show in the run's logs
+    return client
+
+
 @task(name="edit_rows", cache_policy=NO_CACHE)
 async def edit_rows(run: CatalogRun, rows: list[ManifestRow]) -> State:
     """Carry a group of rows through create -> wait -> download; Failed if any row failed."""
@@ -117,13 +137,9 @@ async def edit_shard(
     """
     log = get_run_logger()
     log.info("Shard of %d row(s) in process %d on %s", len(rows), os.getpid(), socket.gethostname())
-    client = await get_replicate_client(
-        credentials,
-        prefer_wait=options.prefer_wait,
-        rate_limiter=RateLimiter(options.max_creates_per_minute),
-        max_connections=max(options.concurrency * 2, 10),
+    client = await _run_client(
+        credentials, options.prefer_wait, options.max_creates_per_minute, options.concurrency, log
     )
-    client.log = log
     async with client:
         outcome = await run_shard(
             rows,
@@ -343,13 +359,7 @@ async def edit_catalog(
     for row in checked.invalid_rows[:20]:
         log.warning("Row %d (id %s) is invalid: %s", row.index + 1, row.id, row.error)
 
-    client = await get_replicate_client(
-        credentials,
-        prefer_wait=prefer_wait,
-        rate_limiter=RateLimiter(max_creates_per_minute),
-        max_connections=max(concurrency * 2, 10),
-    )
-    client.log = log  # retries (429 and the wait, 503, truncated downloads) show in the run's logs
+    client = await _run_client(credentials, prefer_wait, max_creates_per_minute, concurrency, log)
     started = datetime.now(UTC)
     settings = RunSettings(prediction_timeout=prediction_timeout)
     stopped: str | None = None

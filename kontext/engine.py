@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -395,10 +396,8 @@ class ShardOutcome:
     stopped: str | None = None
 
     def __repr__(self) -> str:  # Prefect logs a failed task's result: keep that line short
-        counts: dict[str, int] = {}
-        for result in self.results:
-            counts[result["status"]] = counts.get(result["status"], 0) + 1
-        return f"ShardOutcome({counts}, stopped={self.stopped!r})"
+        counts = Counter(result["status"] for result in self.results)
+        return f"ShardOutcome({dict(counts)}, stopped={self.stopped!r})"
 
 
 async def run_shard(

@@ -17,6 +17,7 @@ import asyncio
 import fcntl
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,14 +61,19 @@ def read_journal(path: Path) -> JournalState:
     state = JournalState()
     if not path.exists():
         return state
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+    with open(path, "rb") as handle:
+        for event in _parse_lines(handle):
             apply_event(state, event)
     return state
+
+
+def _parse_lines(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """The records of journal lines; a line torn by a killed writer is skipped."""
+    for line in lines:
+        try:
+            yield json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
 
 
 def apply_event(state: JournalState, event: dict[str, Any]) -> None:
@@ -154,9 +160,9 @@ class Journal:
             self._file.write("\n" * torn + "".join(line + "\n" for line in lines))
             self._file.flush()
             if self.durable:
-                os.fsync(self._file.fileno())
+                os.fsync(fd)
         finally:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         self._file.close()
@@ -191,10 +197,4 @@ class JournalFollower:
             data = handle.read()
         self._offset += len(data)
         *lines, self._rest = (self._rest + data).split(b"\n")
-        events = []
-        for line in lines:
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:  # a line torn by a killed writer
-                continue
-        return events
+        return list(_parse_lines(lines))

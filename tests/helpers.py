@@ -42,12 +42,14 @@ def good_rows(n: int, **extra) -> list[dict]:
     ]
 
 
-def run_flow(**params):
-    """Run the catalog flow in this process; returns (final state, CatalogSummary)."""
+def run_flow(task_runner: Any = None, **params):
+    """Run the catalog flow in this process (on `task_runner` if given); returns (final state,
+    CatalogSummary)."""
     from flows.edit_catalog import edit_catalog
 
+    catalog_flow = edit_catalog.with_options(task_runner=task_runner) if task_runner else edit_catalog
     params.setdefault("prediction_timeout", 30)
-    state = asyncio.run(edit_catalog(**params, return_state=True))
+    state = asyncio.run(catalog_flow(**params, return_state=True))
     return state, state.result(raise_on_failure=False)
 
 

@@ -36,18 +36,8 @@ def cluster() -> Iterator[distributed.LocalCluster]:
         yield local
 
 
-def _dask_flow(cluster):
-    from flows.edit_catalog import edit_catalog
-
-    runner = prefect_dask.DaskTaskRunner(address=cluster.scheduler_address)
-    return edit_catalog.with_options(task_runner=runner)
-
-
 def _run_on_dask(cluster, **params):
-    flow = _dask_flow(cluster)
-    params.setdefault("prediction_timeout", 30)
-    state = asyncio.run(flow(**params, return_state=True))
-    return state, state.result(raise_on_failure=False)
+    return run_flow(prefect_dask.DaskTaskRunner(address=cluster.scheduler_address), **params)
 
 
 async def _task_runs_and_logs(flow_run_id) -> tuple[list, list[str]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -119,17 +120,20 @@ def run_child(
     return {**result, "process_seconds": process_seconds}, usage.ru_maxrss / 1024
 
 
+def prefect_env(home: Path) -> dict[str, str]:
+    """This environment with Prefect pointed at `home` (no configured server, quiet, offline)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "REPLICATE_"))}
+    env.update(
+        PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING"
+    )
+    return env
+
+
 def child_env(
     sandbox: SandboxProcess, api_url: str | None = None, prefect_home: Path | None = None
 ) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REPLICATE_", "PREFECT_API_URL"))}
-    env.update(
-        REPLICATE_API_TOKEN=TOKEN,
-        REPLICATE_BASE_URL=sandbox.base_url,
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_LOGGING_LEVEL="WARNING",
-        PREFECT_HOME=str(prefect_home or Path(tempfile.mkdtemp(prefix="bench-prefect-"))),
-    )
+    env = prefect_env(prefect_home or Path(tempfile.mkdtemp(prefix="bench-prefect-")))
+    env.update(REPLICATE_API_TOKEN=TOKEN, REPLICATE_BASE_URL=sandbox.base_url)
     if api_url:
         env["PREFECT_API_URL"] = api_url
     return env
@@ -173,12 +177,8 @@ def prepare_prefect_home() -> Path:
     """A PREFECT_HOME whose database an earlier run already created, as on any machine after its
     first run (creating and migrating it is a one-time cost, measured separately)."""
     home = Path(tempfile.mkdtemp(prefix="bench-prefect-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_URL")}
-    env.update(
-        PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING"
-    )
     script = "from prefect import flow; flow(name='first-run')(lambda: None)()"
-    subprocess.run([PY, "-c", script], env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run([PY, "-c", script], env=prefect_env(home), check=True, capture_output=True, timeout=300)
     return home
 
 
@@ -381,21 +381,13 @@ def b6_dask(tmp: Path, quick: bool) -> list[Figure]:
     ]
 
 
-def _median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
-
-
 def b7_startup(tmp: Path, quick: bool) -> list[Figure]:
     """Where B2's start-up goes: each piece timed as whole processes, median of 3 (1 if quick)."""
     repeats = 1 if quick else 3
-    home = prepare_prefect_home()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "REPLICATE_"))}
-    env.update(
-        PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING"
-    )
+    env = prefect_env(prepare_prefect_home())
 
     def wall(args: list[str], extra: dict[str, str] | None = None) -> float:
-        return _median(
+        return statistics.median(
             [
                 run_child(args, {**env, **(extra or {})}, json_line=False)[0]["process_seconds"]
                 for _ in range(repeats)
@@ -403,32 +395,20 @@ def b7_startup(tmp: Path, quick: bool) -> list[Figure]:
         )
 
     def server_ready() -> float:
-        """`prefect server start` (as `kontext run` starts it) from Popen to its health check."""
+        """The server `kontext run` starts early, from its start to its health check."""
+        from kontext.prefect_server import EarlyPrefectServer
+
         times = []
         for _ in range(repeats):
-            port = free_port()
-            command = [PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
             started = time.perf_counter()
-            proc = subprocess.Popen(
-                [*command, "--no-ui", "--no-scheduler", "--no-late-runs"],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            server = EarlyPrefectServer(env)
             try:
-                while True:
-                    try:
-                        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
-                            break
-                    except OSError:
-                        if proc.poll() is not None or time.perf_counter() - started > 120:
-                            raise RuntimeError("prefect server start did not answer") from None
-                        time.sleep(0.05)  # poll interval while the server starts
+                if not server.wait_ready():
+                    raise RuntimeError(f"prefect server start did not answer:\n{server.output()}")
                 times.append(time.perf_counter() - started)
             finally:
-                proc.terminate()
-                proc.wait(timeout=30)
-        return _median(times)
+                server.stop()
+        return statistics.median(times)
 
     python = wall([PY, "-c", "pass"])
     prefect_import = wall([PY, "-c", "import prefect"])

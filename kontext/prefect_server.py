@@ -63,7 +63,8 @@ def _profile_names_a_server() -> bool:
 class EarlyPrefectServer:
     """``prefect server start`` on a free loopback port, as a child of this process."""
 
-    def __init__(self) -> None:
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        """`env`: the server's environment (default this process's)."""
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
@@ -73,6 +74,7 @@ class EarlyPrefectServer:
         command += ["--port", str(self.port), "--no-ui", "--no-scheduler", "--no-late-runs"]
         self.proc = subprocess.Popen(
             command,
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._output,
             stderr=subprocess.STDOUT,

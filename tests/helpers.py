@@ -94,13 +94,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def prefect_env(api_url: str, home: Path) -> dict[str, str]:
-    """Environment for a Prefect subprocess talking to `api_url`, without our secrets."""
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REPLICATE_", "PREFECT_"))}
+def prefect_env(api_url: str | None, home: Path, sandbox: Any = None) -> dict[str, str]:
+    """Environment for a Prefect subprocess talking to `api_url` (None: no server configured, so
+    Prefect's embedded one or `kontext run`'s own), without our secrets or the caller's Prefect
+    and kontext settings; with `sandbox`, its credentials."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REPLICATE_", "PREFECT_", "KONTEXT_"))}
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    if sandbox is not None:
+        env.update(REPLICATE_API_TOKEN=sandbox.token, REPLICATE_BASE_URL=sandbox.base_url)
     env.update(
-        PREFECT_API_URL=api_url,
         PREFECT_HOME=str(home),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_WORKER_QUERY_SECONDS="1",

@@ -19,7 +19,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
 from blocks import ReplicateCredentials
-from tests.helpers import REPO_ROOT, good_rows, manifest, read_results, run_flow
+from tests.helpers import REPO_ROOT, good_rows, manifest, prefect_env, read_results, run_flow
 
 distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
 prefect_dask = pytest.importorskip("prefect_dask", reason="the dask extra is not installed")
@@ -152,13 +152,7 @@ print(json.dumps({"state": state.type.value, "task_runs": asyncio.run(task_runs(
 def test_on_prefects_embedded_server_the_shards_report_to_the_flows_server(sandbox, tmp_path):
     # No PREFECT_API_URL: the flow starts Prefect's embedded server. Its shards must record their
     # task runs there, not start an embedded server of their own in every Dask worker.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "REPLICATE_"))}
-    env.update(
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        REPLICATE_API_TOKEN=sandbox.token,
-        REPLICATE_BASE_URL=sandbox.base_url,
-    )
+    env = prefect_env(None, tmp_path / "prefect-home", sandbox)
     path = manifest(tmp_path, good_rows(4))
     done = subprocess.run(
         [sys.executable, "-c", EMBEDDED_SCRIPT, str(path), str(tmp_path / "out")],

@@ -11,20 +11,9 @@ import time
 
 import pytest
 
-from tests.helpers import REPO_ROOT, good_rows, manifest
+from tests.helpers import REPO_ROOT, good_rows, manifest, prefect_env
 
 pytestmark = pytest.mark.slow
-
-
-def _env(sandbox, home) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "REPLICATE_", "KONTEXT_"))}
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        REPLICATE_API_TOKEN=sandbox.token,
-        REPLICATE_BASE_URL=sandbox.base_url,
-    )
-    return env
 
 
 def _children(pid: int) -> list[int]:
@@ -45,7 +34,7 @@ def test_run_records_everything_on_the_early_server_and_stops_it(sandbox, tmp_pa
     path = manifest(tmp_path, good_rows(3))
     done = subprocess.run(
         [sys.executable, "-m", "kontext.cli", "run", str(path), "--out", str(tmp_path / "out")],
-        cwd=REPO_ROOT, env=_env(sandbox, home), capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT, env=prefect_env(None, home, sandbox), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
@@ -68,7 +57,7 @@ def test_a_killed_run_takes_its_server_with_it(sandbox, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "kontext.cli", "run", str(path), "--out", str(tmp_path / "out")],
         cwd=REPO_ROOT,
-        env=_env(sandbox, tmp_path / "home"),
+        env=prefect_env(None, tmp_path / "home", sandbox),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
